@@ -1,0 +1,29 @@
+# make demo: the four notebooks, headless, on the bundled sample (artifacts/demo/)
+# make test: the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test clean
+
+venv: $(VENV)/.installed
+
+# torch first: here its CPU build comes from a local file; left to pip's resolver it would fetch a CUDA build.
+# green-score 0.0.12 pins Python ==3.12.1, torch 2.2.2 and transformers 4.40, which would break this stack:
+# it is installed without its dependencies, plus the few it imports (in requirements-dev.txt).
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --ignore-requires-python green-score==0.0.12
+	touch $@
+
+demo: venv
+	$(PY) -m helpers.run_notebooks --profile demo --out artifacts/demo
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf artifacts/demo

@@ -1,0 +1,82 @@
+"""The generation target (four region sections) and the prompt, shared by training and generation."""
+from __future__ import annotations
+
+import json
+import re
+
+from .data import REGIONS
+
+HEADERS = {"lung": "Lung", "heart": "Heart", "mediastinal": "Mediastinal", "bone": "Bone"}
+INSTRUCTION = ("Write the findings of this chest X-ray study, one line per region in this order: "
+               "Lung, Heart, Mediastinal, Bone. Leave a region empty if nothing is reported.")
+_SYNONYMS = {
+    "lung": "lung", "lungs": "lung", "pulmonary": "lung", "lung fields": "lung",
+    "heart": "heart", "cardiac": "heart",
+    "mediastinal": "mediastinal", "mediastinum": "mediastinal", "cardiomediastinal": "mediastinal",
+    "bone": "bone", "bones": "bone", "bony": "bone", "osseous": "bone", "skeletal": "bone",
+}
+_EMPTY = {"", "none", "n/a", "na", "-", "none.", "n/a.", "nil", "null"}
+_HEADER = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?\s*(" + "|".join(
+    sorted(_SYNONYMS, key=len, reverse=True)) + r")\s*(?:\*\*|__)?\s*[:\-–]\s*(?:\*\*|__)?", re.IGNORECASE)
+_JUNK = re.compile(r"(</s>|<\|[^|]*\|>|\[/?INST\]|<pad>|<unk>|<s>).*$", re.DOTALL)
+
+
+def user_message(n_views: int) -> dict:
+    """One image placeholder per view, then the instruction (the chat template renders images first anyway)."""
+    return {"role": "user", "content": [{"type": "image"} for _ in range(n_views)] + [{"type": "text", "text": INSTRUCTION}]}
+
+
+def format_report(regions: dict) -> str:
+    """`Lung: …\\nHeart: …\\nMediastinal: …\\nBone: …`; an empty region keeps its header; 'others' is dropped."""
+    return "\n".join(f"{HEADERS[k]}: {' '.join((regions.get(k) or '').split())}".rstrip() for k in REGIONS)
+
+
+def _clean(text: str) -> str:
+    text = " ".join(text.replace("**", "").replace("__", "").split()).strip(" -*•")
+    return "" if text.lower() in _EMPTY else text
+
+
+def _parse_json(text: str) -> dict | None:
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    if not match:
+        return None
+    try:
+        obj = json.loads(match.group(0))
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    out = {}
+    for key, value in obj.items():
+        region = _SYNONYMS.get(str(key).strip().lower())
+        if region and region not in out:
+            out[region] = _clean(value if isinstance(value, str) else " ".join(map(str, value or [])))
+    return out or None
+
+
+def parse_report(text) -> tuple[dict, bool]:
+    """Inverse of `format_report`, tolerant of what models really write; never raises.
+
+    Returns (regions, parsed): the four region keys as strings, and whether any region header (or a
+    JSON object with region keys) was found, so parse failures can be counted.
+    """
+    regions = {k: "" for k in REGIONS}
+    if not isinstance(text, str):
+        return regions, False
+    text = _JUNK.sub("", text)
+    found = _parse_json(text)
+    if found is not None:
+        regions.update(found)
+        return regions, True
+    current, seen, parsed = None, set(), False
+    for line in text.splitlines():
+        match = _HEADER.match(line)
+        if match:
+            parsed = True
+            region = _SYNONYMS[match.group(1).lower()]
+            current = None if region in seen else region  # a repeated header: the first text wins
+            seen.add(region)
+            line = line[match.end():]
+        if current is not None:
+            regions[current] = _clean(f"{regions[current]} {line}")
+    return regions, parsed

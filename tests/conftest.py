@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SAMPLE_DIR = ROOT / "data" / "sample"
+SHARED_IU_XRAY = ROOT.parent / "shared" / "iu_xray"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a hub, here or in CI
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+needs_shared = pytest.mark.skipif(not (SHARED_IU_XRAY / "annotation.json").is_file(),
+                                  reason="../shared/iu_xray (the real annotation) is not present")
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_studies():
+    import helpers
+
+    return helpers.load_studies(SAMPLE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, sample_studies) -> Path:
+    """The demo's tiny random LLaVA-NeXT, built once per session from the sample's report text."""
+    import helpers
+    from helpers.modeling import tokenizer_corpus
+
+    return helpers.build_tiny_llava(tmp_path_factory.mktemp("tiny") / "tiny-llava", tokenizer_corpus(sample_studies))
