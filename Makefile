@@ -13,7 +13,6 @@ venv: $(VENV)/.installed
 # it is installed without its dependencies, plus the few it imports (in requirements-dev.txt).
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --ignore-requires-python green-score==0.0.12
