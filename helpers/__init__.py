@@ -9,10 +9,12 @@ _LAZY = {
     # notebook 01
     "split_regions": "regions", "split_many": "regions", "validate_split": "regions",
     # notebook 02
-    "build_tiny_llava": "modeling", "load_model_and_processor": "modeling",
+    "build_tiny_llava": "modeling", "load_model_and_processor": "modeling", "load_for_inference": "modeling",
     # notebooks 02-04: each module is imported on first use
     "regions": "regions", "modeling": "modeling", "training": "training", "generation": "generation",
     "attention": "attention", "green": "green",
+    # notebook 04
+    "baselines": "baselines",
 }
 
 

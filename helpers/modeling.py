@@ -24,21 +24,37 @@ def bnb_4bit_config(compute_dtype):
     )
 
 
+def load_processor(model_id: str = DEFAULT_MODEL_ID, *, image_grid_pinpoints=None, token: str | None = None):
+    """The processor alone (for token budgets), with the pinpoints and padding used everywhere in this project."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_id, token=token)
+    if image_grid_pinpoints is not None and hasattr(processor.image_processor, "image_grid_pinpoints"):
+        processor.image_processor.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints]
+    # Batched generation needs left padding; training pads right through TRL's collator either way.
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+    return processor
+
+
 def load_model_and_processor(model_id: str = DEFAULT_MODEL_ID, *, load_in_4bit: bool = False, dtype=None,
-                             image_grid_pinpoints=None, attn_implementation: str | None = None, token: str | None = None):
+                             image_grid_pinpoints=None, attn_implementation: str | None = None, token: str | None = None,
+                             processor_id: str | None = None):
     """Model + processor through the Auto classes, so other LLaVA-family ids work unchanged.
 
     `image_grid_pinpoints` is written into both the processor (which counts image tokens) and the model
     config (which packs image features): if they disagree the model fails with "Image features and image
-    tokens do not match".
+    tokens do not match". `processor_id` loads the processor from elsewhere (a trained run's adapter
+    folder, whose processor carries the chat template used in training).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from .env import compute_dtype
 
     dtype = dtype or compute_dtype()
-    processor = AutoProcessor.from_pretrained(model_id, token=token)
+    processor = load_processor(processor_id or model_id, image_grid_pinpoints=image_grid_pinpoints, token=token)
     kwargs = {"dtype": dtype, "token": token}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -49,19 +65,69 @@ def load_model_and_processor(model_id: str = DEFAULT_MODEL_ID, *, load_in_4bit: 
     if not load_in_4bit and torch.cuda.is_available():
         model.to("cuda")
     if image_grid_pinpoints is not None and hasattr(processor.image_processor, "image_grid_pinpoints"):
-        pinpoints = [list(p) for p in image_grid_pinpoints]
-        processor.image_processor.image_grid_pinpoints = pinpoints
-        model.config.image_grid_pinpoints = pinpoints
-    # Batched generation needs left padding; training pads right through TRL's collator either way.
-    processor.tokenizer.padding_side = "left"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.unk_token or processor.tokenizer.eos_token
+        model.config.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints]
     return model, processor
 
 
 def image_tokens_per_view(processor, width: int, height: int) -> int:
     """How many `<image>` positions the processor expands one view of this size into (the hook vLLM uses too)."""
     return processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
+
+
+def training_chat_template(processor) -> str:
+    """The chat template used to train and then to generate: TRL's training variant, with BOS rendered by it.
+
+    TRL's collator tokenizes with `add_special_tokens=False` (no BOS) while a plain `processor(text)` adds
+    one; rendering `{{ bos_token }}` in the template gives exactly one BOS on both paths, because
+    `processor.apply_chat_template(tokenize=True)` stops adding it when the text already starts with it.
+    """
+    from trl.chat_template_utils import get_training_chat_template
+
+    template = get_training_chat_template(processor) or processor.chat_template  # None: already has markers
+    tokenizer = processor.tokenizer
+    adds_bos = tokenizer.bos_token is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
+    if adds_bos and "bos_token" not in template:
+        template = "{{ bos_token }}" + template
+    return template
+
+
+def generation_inputs(processor, views: list[list]):
+    """Batched model inputs for generation, one list of PIL views per study, tokenized exactly like training."""
+    from .reports import user_message
+
+    conversations = []
+    for images in views:
+        message = user_message(len(images))
+        content = iter(images)
+        message["content"] = [{**part, "image": next(content)} if part["type"] == "image" else part
+                              for part in message["content"]]
+        conversations.append([message])
+    return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt", processor_kwargs={"padding": True})
+
+
+def load_for_inference(run_dir, load_in_4bit: bool | None = None, attn_implementation: str | None = None):
+    """Base model + trained adapter of a notebook-02 run, with that run's processor, pinpoints and settings.
+
+    Returns (model, processor, config); `load_in_4bit=None` loads the base model the way it was trained.
+    """
+    from peft import PeftModel
+
+    from .env import get_secret
+    from .training import load_run_config
+
+    config = load_run_config(run_dir)
+    adapter_dir = Path(run_dir) / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no trained adapter (adapter_config.json missing); run notebook 02 "
+                                f"to the end for this run first")
+    model, processor = load_model_and_processor(
+        config["model_id"], load_in_4bit=config["load_in_4bit"] if load_in_4bit is None else load_in_4bit,
+        image_grid_pinpoints=config["image_grid_pinpoints"], attn_implementation=attn_implementation,
+        processor_id=str(adapter_dir), token=get_secret("HF_TOKEN"))
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model, processor, config
 
 
 def _train_tokenizer(texts: list[str], vocab_size: int):
@@ -105,10 +171,12 @@ def build_tiny_llava(out_dir: str | Path, texts: list[str], *, image_grid_pinpoi
     pinpoints = [list(p) for p in (image_grid_pinpoints or [[TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]])]
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                               image_size=TINY_IMAGE_SIZE, patch_size=14, projection_dim=64)
+    # initializer_range 0.1, not 0.02: with tiny random weights the frozen lm_head would keep the logits near
+    # uniform, and LoRA could not even overfit two reports (tests/test_training.py checks that it can).
     text = MistralConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, sliding_window=None)
+                         pad_token_id=tokenizer.pad_token_id, sliding_window=None, initializer_range=0.1)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                              vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -19,6 +19,12 @@ _EMPTY = {"", "none", "n/a", "na", "-", "none.", "n/a.", "nil", "null"}
 _HEADER = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?\s*(" + "|".join(
     sorted(_SYNONYMS, key=len, reverse=True)) + r")\s*(?:\*\*|__)?\s*[:\-–]\s*(?:\*\*|__)?", re.IGNORECASE)
 _JUNK = re.compile(r"(</s>|<\|[^|]*\|>|\[/?INST\]|<pad>|<unk>|<s>).*$", re.DOTALL)
+_LEADING = re.compile(r"^(?:\s*(?:<s>|<pad>|<unk>))+")  # BOS / left padding when decoded with specials
+# A region header inside a line ("… clear. Heart: normal"): starts a new line, so one-line answers parse too.
+_INLINE = re.compile(r"(?<=[.;])\s+(?=(?:\*\*)?(?:" + "|".join(sorted(_SYNONYMS, key=len, reverse=True))
+                     + r")(?:\*\*)?\s*:)", re.IGNORECASE)
+# Any other "Header:" line (Impression:, Others:, Findings:) ends the current section instead of continuing it.
+_OTHER_HEADER = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?[A-Za-z][A-Za-z /]{0,30}(?:\*\*|__)?\s*:")
 
 
 def user_message(n_views: int) -> dict:
@@ -63,13 +69,13 @@ def parse_report(text) -> tuple[dict, bool]:
     regions = {k: "" for k in REGIONS}
     if not isinstance(text, str):
         return regions, False
-    text = _JUNK.sub("", text)
+    text = _JUNK.sub("", _LEADING.sub("", text.rsplit("[/INST]", 1)[-1]))  # the answer only, if the prompt is echoed
     found = _parse_json(text)
     if found is not None:
         regions.update(found)
         return regions, True
     current, seen, parsed = None, set(), False
-    for line in text.splitlines():
+    for line in _INLINE.sub("\n", text).splitlines():
         match = _HEADER.match(line)
         if match:
             parsed = True
@@ -77,6 +83,8 @@ def parse_report(text) -> tuple[dict, bool]:
             current = None if region in seen else region  # a repeated header: the first text wins
             seen.add(region)
             line = line[match.end():]
+        elif _OTHER_HEADER.match(line):
+            current = None
         if current is not None:
             regions[current] = _clean(f"{regions[current]} {line}")
     return regions, parsed

@@ -1,0 +1,223 @@
+"""Notebook 03: where generated report tokens look: per-layer visual attention share, base-grid heatmaps, confidence.
+
+Layout of one view's `<image>` positions in LLaVA-NeXT (checked against transformers' `pack_image_features`):
+with vision_feature_select_strategy="default" the CLS output of every tile is dropped before projection (and the
+processor's +1 for it is subtracted again), so there is no CLS position: the first (S/p)² positions are the base
+tile (the whole image squashed to S×S) in row-major order, then the unpadded high-resolution grid row by row, each
+row followed by the learned `image_newline` position.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .data import REGIONS, study_images
+from .generation import _n_generated, region_token_indices
+from .modeling import generation_inputs, image_tokens_per_view
+
+
+def view_layout(model_config, processor, width: int, height: int) -> dict:
+    """Offsets within one view's image positions: `base` (side×side), `highres` (rows×cols), `newline` (rows)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    if model_config.vision_feature_select_strategy != "default":
+        raise ValueError(f"vision_feature_select_strategy={model_config.vision_feature_select_strategy!r}: "
+                         "LLaVA-NeXT packs anyres tiles only without CLS ('default')")
+    tile = model_config.vision_config.image_size
+    side = tile // model_config.vision_config.patch_size
+    best_h, best_w = select_best_resolution([height, width], model_config.image_grid_pinpoints)
+    # the processor's own count of the unpadded grid, so offsets agree with the number of <image> tokens
+    unpadded, rows = processor._get_unpadded_features(height, width, side, side, best_h // tile, best_w // tile)
+    cols = unpadded // rows
+    n = image_tokens_per_view(processor, width, height)
+    if side * side + rows * (cols + 1) != n:
+        raise ValueError(f"image {width}x{height}: layout {side}²+{rows}x({cols}+1) != {n} image tokens")
+    grid = side * side + np.arange(rows * (cols + 1)).reshape(rows, cols + 1)
+    return {"side": side, "base": np.arange(side * side).reshape(side, side), "highres": grid[:, :cols],
+            "newline": grid[:, cols], "n_tokens": n}
+
+
+def image_positions(input_ids, image_token_id: int, tokens_per_view: list[int]) -> list[np.ndarray]:
+    """Absolute positions of each view's image tokens in one prompt (views appear in order)."""
+    positions = np.flatnonzero(np.asarray(input_ids) == image_token_id)
+    if len(positions) != sum(tokens_per_view):
+        raise ValueError(f"{len(positions)} image tokens in the prompt, the processor counts {sum(tokens_per_view)}")
+    return np.split(positions, np.cumsum(tokens_per_view)[:-1])
+
+
+@contextmanager
+def eager_attention(model):
+    """Eager attention (the only kind that computes attention weights) for the duration of the block."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def generate_with_attention(model, processor, views: list, *, max_new_tokens: int = 128) -> dict:
+    """Greedy generation for one study, keeping each text layer's attention row (mean over heads) per new token.
+
+    output_attentions would keep every layer's full prompt×prompt matrix (32 layers × 32 heads × 3,600² × 2 bytes
+    ≈ 26 GB for three views on the 7B), so forward hooks on the attention modules (what transformers' own recorder hooks) keep only the last
+    query row of each step. Returns `ids` (generated, up to EOS), `attention` (tokens × layers × keys, zero
+    for keys that did not exist yet) and the prompt's `input_ids`.
+    """
+    import torch
+
+    layers = [m for name, m in model.named_modules() if name.endswith("self_attn") and "language_model" in name]
+    rows = [[] for _ in layers]
+
+    def hook(index):
+        def record(module, args, output):
+            if output[1] is None:
+                raise RuntimeError("attention weights are not computed: use eager attention")
+            rows[index].append(output[1][0, :, -1, :].float().mean(0))
+        return record
+
+    inputs = generation_inputs(processor, [views]).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with eager_attention(model), torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    prompt_len = inputs["input_ids"].shape[1]
+    generated = out[0, prompt_len:].tolist()
+    eos = model.generation_config.eos_token_id
+    n = _n_generated(generated, set(eos if isinstance(eos, list) else [eos]))
+    keys = prompt_len + n - 1
+    attention = np.zeros((n, len(layers), keys), dtype=np.float32)
+    for layer, steps in enumerate(rows):
+        for t in range(n):
+            attention[t, layer, :prompt_len + t] = steps[t].cpu().numpy()
+    return {"ids": generated[:n], "attention": attention, "input_ids": inputs["input_ids"][0].cpu().numpy()}
+
+
+def visual_share(attention: np.ndarray, positions: list[np.ndarray], region_tokens: dict[str, list[int]]):
+    """Per region and layer: mean share of attention on image positions, and on everything else (they sum to 1)."""
+    import pandas as pd
+
+    visual = np.concatenate(positions)
+    rows = []
+    for region, idx in region_tokens.items():
+        if not idx:
+            continue
+        a = attention[idx]  # tokens × layers × keys
+        total = a.sum(-1)
+        share = a[..., visual].sum(-1) / total
+        for layer in range(a.shape[1]):
+            rows.append({"region": region, "layer": layer, "visual_share": share[:, layer].mean(),
+                         "non_visual_share": (1 - share[:, layer]).mean(), "n_tokens": len(idx)})
+    return pd.DataFrame(rows, columns=["region", "layer", "visual_share", "non_visual_share", "n_tokens"])
+
+
+def base_heatmaps(attention: np.ndarray, positions: list[np.ndarray], layouts: list[dict],
+                  region_tokens: dict[str, list[int]], layers=None) -> dict[str, list[np.ndarray]]:
+    """Per region, one side×side map per view: attention to the base tile (mean over tokens and `layers`), sum 1."""
+    layers = slice(None) if layers is None else layers
+    maps = {}
+    for region, idx in region_tokens.items():
+        if not idx:
+            continue
+        a = attention[idx][:, layers].mean(axis=(0, 1))
+        maps[region] = []
+        for view_positions, layout in zip(positions, layouts):
+            grid = a[view_positions[layout["base"]]]  # row-major base tile, newline positions never touched
+            maps[region].append(grid / grid.sum() if grid.sum() > 0 else grid)
+    return maps
+
+
+def analyze_study(model, processor, study, *, max_views: int, max_new_tokens: int = 128, layers=None) -> dict:
+    """Regenerate one study with attention: text, token ids, region token indices, share table, base heatmaps.
+
+    Also returns the raw `attention` (tokens × layers × keys), each view's image `positions` and `layouts`, to
+    look at other layers or token groups with `visual_share` / `base_heatmaps`.
+    """
+    views = study_images(study, max_views)
+    result = generate_with_attention(model, processor, views, max_new_tokens=max_new_tokens)
+    layouts = [view_layout(model.config, processor, *v.size) for v in views]
+    positions = image_positions(result["input_ids"], model.config.image_token_index, [l["n_tokens"] for l in layouts])
+    regions = region_token_indices(processor.tokenizer, result["ids"])
+    return {"id": study.id, "views": views, "ids": result["ids"],
+            "text": processor.tokenizer.decode(result["ids"], skip_special_tokens=True), "region_tokens": regions,
+            "shares": visual_share(result["attention"], positions, regions),
+            "heatmaps": base_heatmaps(result["attention"], positions, layouts, regions, layers),
+            "attention": result["attention"], "positions": positions, "layouts": layouts}
+
+
+def plot_shares(analysis: dict, out_dir: str | Path):
+    """Visual share vs layer, one line per region; saved as <id>_visual_share.png."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for region, df in analysis["shares"].groupby("region", sort=False):
+        ax.plot(df["layer"], df["visual_share"], marker="o", label=f"{region} ({df['n_tokens'].iloc[0]} tokens)")
+    ax.set(xlabel="layer", ylabel="attention share on image tokens", ylim=(0, 1), title=analysis["id"])
+    if len(analysis["shares"]):
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no region tokens generated", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    _save(fig, out_dir, f"{analysis['id']}_visual_share.png")
+    return fig
+
+
+def plot_heatmaps(analysis: dict, out_dir: str | Path):
+    """Rows = regions, columns = views: base-grid attention stretched over the X-ray; saved as <id>_heatmaps.png."""
+    import matplotlib.pyplot as plt
+
+    maps, views = analysis["heatmaps"], analysis["views"]
+    if not maps:
+        return None
+    fig, axes = plt.subplots(len(maps), len(views), figsize=(2.6 * len(views), 2.6 * len(maps)), squeeze=False)
+    for row, (region, per_view) in enumerate(maps.items()):
+        for col, (heat, image) in enumerate(zip(per_view, views)):
+            ax = axes[row, col]
+            width, height = image.size
+            ax.imshow(image.convert("L"), cmap="gray", extent=(0, width, height, 0))
+            # the base tile is the whole image squashed to a square: the extent stretches it back
+            ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, width, height, 0), interpolation="bilinear")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{region} · view {col + 1}", fontsize=8)
+    fig.suptitle(analysis["id"], fontsize=9)
+    fig.tight_layout()
+    _save(fig, out_dir, f"{analysis['id']}_heatmaps.png")
+    return fig
+
+
+def confidence_frame(records: list[dict]):
+    """Long table (id, region, confidence) of the per-region mean token probabilities in a predictions file."""
+    import pandas as pd
+
+    return pd.DataFrame([{"id": r["id"], "region": k, "confidence": r["confidence"][k]}
+                         for r in records for k in REGIONS], columns=["id", "region", "confidence"])
+
+
+def plot_confidence(records: list[dict], out_dir: str | Path, name: str = "confidence.png"):
+    """Histogram of per-region mean token probability (regions without tokens are counted in the legend)."""
+    import matplotlib.pyplot as plt
+
+    df = confidence_frame(records)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for region in REGIONS:
+        values = df.loc[df["region"] == region, "confidence"].dropna()
+        missing = (df["region"] == region).sum() - len(values)
+        ax.hist(values, bins=20, range=(0, 1), histtype="step",
+                label=f"{region} (n={len(values)}, no tokens={missing})")
+    ax.set(xlabel="mean token probability of the region", ylabel="studies")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, out_dir, name)
+    return fig
+
+
+def _save(fig, out_dir, name):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / name, dpi=110)

@@ -1,0 +1,80 @@
+"""Notebook 04 baselines, judged by GREEN like the model: a frequency template and image-embedding retrieval."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .data import REGIONS, study_images
+from .storage import atomic_write_json
+
+
+def template_regions(train_studies) -> dict[str, str]:
+    """The most frequent train text of each region (an empty text if most train reports leave the region empty)."""
+    return {region: Counter(s.regions[region] for s in train_studies).most_common(1)[0][0] for region in REGIONS}
+
+
+def template_predictions(train_studies, queries) -> dict[str, dict]:
+    regions = template_regions(train_studies)
+    return {s.id: {"id": s.id, "regions": dict(regions)} for s in queries}
+
+
+def image_embeddings(model, processor, studies, max_views: int, batch_size: int = 32):
+    """One unit vector per study: the mean of its views' pooled vision-tower features (base tile: the whole image)."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    tower = model.model.vision_tower
+    dtype = next(tower.parameters()).dtype
+    views = [(i, image) for i, study in enumerate(studies) for image in study_images(study, max_views)]
+    features = []
+    for start in tqdm(range(0, len(views), batch_size), desc="image embeddings", unit="batch"):
+        images = [image for _, image in views[start:start + batch_size]]
+        # LLaVA-NeXT pixel values are (images, tiles, 3, H, W); tile 0 is the whole image resized
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"][:, 0]
+        with torch.inference_mode():
+            pooled = tower(pixel_values=pixels.to(tower.device, dtype)).pooler_output
+        features.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
+    features = np.concatenate(features)
+    owner = np.array([i for i, _ in views])
+    embeddings = np.stack([features[owner == i].mean(axis=0) for i in range(len(studies))])
+    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+
+
+def nearest_train_studies(train_embeddings, train_studies, query_embeddings, queries) -> dict[str, dict]:
+    """For each query study, the train study with the highest cosine similarity."""
+    similarity = query_embeddings @ train_embeddings.T
+    best = similarity.argmax(axis=1)
+    return {q.id: {"train_id": train_studies[j].id, "similarity": float(similarity[i, j])}
+            for i, (q, j) in enumerate(zip(queries, best))}
+
+
+def retrieval_neighbors(cache_path: str | Path, model_id: str, train_studies, queries, max_views: int,
+                        load_model) -> dict[str, dict]:
+    """Nearest train study per query by image embedding, cached in a JSON file for these settings.
+
+    `load_model()` returns (model, processor); it is called only when the cache is missing or stale, so a rerun
+    skips loading the base model.
+    """
+    import json
+
+    cache_path = Path(cache_path)
+    settings = {"model": model_id, "max_views": max_views, "train": sorted(s.id for s in train_studies)}
+    wanted = {q.id for q in queries}
+    if cache_path.is_file():
+        cached = json.loads(cache_path.read_text(encoding="utf-8"))
+        if cached["settings"] == settings and wanted <= set(cached["neighbors"]):
+            print(f"retrieval: {len(wanted)} neighbours from {cache_path}")
+            return {k: cached["neighbors"][k] for k in wanted}
+    model, processor = load_model()
+    neighbors = nearest_train_studies(image_embeddings(model, processor, train_studies, max_views), train_studies,
+                                      image_embeddings(model, processor, queries, max_views), queries)
+    atomic_write_json(cache_path, {"settings": settings, "neighbors": neighbors})
+    return neighbors
+
+
+def retrieval_predictions(train_studies, neighbors: dict[str, dict]) -> dict[str, dict]:
+    """Each query gets the four region texts of its nearest train study."""
+    train = {s.id: s for s in train_studies}
+    return {qid: {"id": qid, "regions": {r: train[n["train_id"]].regions[r] for r in REGIONS}, **n}
+            for qid, n in neighbors.items()}

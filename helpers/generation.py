@@ -1,0 +1,147 @@
+"""Notebook 03: batched deterministic generation, per-region token confidence, resumable predictions, summary."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+from .data import REGIONS, study_images
+from .env import peak_gpu_memory_gb
+from .modeling import generation_inputs
+from .reports import parse_report
+from .storage import JsonlStore
+
+def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
+    """End offset in the decoded text of each token (decoding prefixes: tokenizers give no offsets for decoding)."""
+    full = len(tokenizer.decode(ids, skip_special_tokens=True))
+    ends, end = [], 0
+    for i in range(len(ids)):
+        # clamp: a prefix ending inside a multi-byte character decodes to a replacement char
+        end = min(full, max(end, len(tokenizer.decode(ids[:i + 1], skip_special_tokens=True))))
+        ends.append(end)
+    return ends
+
+
+def region_token_indices(tokenizer, ids: list[int]) -> dict[str, list[int]]:
+    """For each region, the indices of the generated tokens that wrote its text (header tokens excluded).
+
+    `parse_report` itself is run on the text growing token by token, so this follows whatever it accepts: a
+    token belongs to the one region whose parsed text it extends by at most its own characters, if that text
+    is still a prefix of the region's final text. Headers, blank tokens, text that parses as empty ("None"),
+    text a later header cuts off, and answers that only parse once complete (JSON) get no region.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    final, _ = parse_report(text)
+    out = {k: [] for k in REGIONS}
+    before, start = parse_report("")[0], 0
+    for i, end in enumerate(token_char_ends(tokenizer, ids)):
+        now, _ = parse_report(text[:end])
+        changed = [k for k in REGIONS if now[k] != before[k]]
+        if len(changed) == 1:
+            region = changed[0]
+            grown = len(now[region]) - len(before[region])
+            if now[region] and 0 < grown <= end - start + 1 and final[region].startswith(now[region]):
+                out[region].append(i)  # +1: the space that joins a continuation line
+        before, start = now, end
+    return out
+
+
+def _n_generated(ids: list[int], stop_ids: set[int]) -> int:
+    """Tokens up to and including the first end-of-sequence token (the rest is padding of finished rows)."""
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return i + 1
+    return len(ids)
+
+
+def generate_batch(model, processor, views: list[list], ids: list[str], *, max_new_tokens: int = 256,
+                   num_beams: int = 1, repetition_penalty: float = 1.0) -> list[dict]:
+    """One prediction record per study (schema of predictions_{val,test}.jsonl); deterministic decoding only."""
+    import torch
+
+    inputs = generation_inputs(processor, views).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                             repetition_penalty=repetition_penalty, return_dict_in_generate=True, output_scores=True)
+        # log-probabilities of the chosen tokens under the decoding distribution (beams followed correctly)
+        logprobs = model.compute_transition_scores(out.sequences, out.scores, out.get("beam_indices"),
+                                                   normalize_logits=True).float().cpu()
+    generated = out.sequences[:, -len(out.scores):].cpu().tolist()
+    eos = model.generation_config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else [eos])
+    tokenizer = processor.tokenizer
+    records = []
+    for row, (study_id, token_ids) in enumerate(zip(ids, generated)):
+        n = _n_generated(token_ids, stop_ids)
+        token_ids, probs = token_ids[:n], logprobs[row, :n].exp().tolist()
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        regions, parsed = parse_report(text)
+        indices = region_token_indices(tokenizer, token_ids)
+        confidence = {k: (sum(probs[i] for i in idx) / len(idx) if idx else None) for k, idx in indices.items()}
+        records.append({"id": study_id, "text": text, "regions": regions, "parsed": parsed, "n_tokens": n,
+                        "confidence": confidence})
+    return records
+
+
+def generate_split(model, processor, studies, out_path: str | Path, *, max_views: int, batch_size: int = 8,
+                   max_new_tokens: int = 256, num_beams: int = 1, repetition_penalty: float = 1.0) -> dict:
+    """Generate for every study not yet in `out_path`, appending one batch at a time; returns speed figures."""
+    import torch
+    from tqdm.auto import tqdm
+
+    store = JsonlStore(out_path, key_field="id")
+    todo = [s for s in studies if s.id not in store]
+    # batches of equal view count pad less; output does not depend on the batch (tested)
+    todo.sort(key=lambda s: min(len(s.image_paths), max_views))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start, tokens = time.time(), 0
+    with tqdm(total=len(studies), initial=len(studies) - len(todo), unit="study", desc=Path(out_path).name) as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            records = generate_batch(model, processor, [study_images(s, max_views) for s in batch],
+                                     [s.id for s in batch], max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                     repetition_penalty=repetition_penalty)
+            store.append(records)
+            tokens += sum(r["n_tokens"] for r in records)
+            bar.update(len(batch))
+    seconds = time.time() - start
+    return {"file": str(out_path), "studies": len(studies), "generated_now": len(todo),
+            "already_done": len(studies) - len(todo), "seconds": round(seconds, 2),
+            "studies_per_s": round(len(todo) / seconds, 3) if todo else None,
+            "tokens_per_s": round(tokens / seconds, 1) if todo else None, "peak_gpu_memory_gb": peak_gpu_memory_gb()}
+
+
+def load_predictions(path: str | Path) -> list[dict]:
+    return list(JsonlStore(path, key_field="id").records.values())
+
+
+def summarize(records: list[dict], references: dict[str, dict] | None = None, *, top: int = 5,
+              max_new_tokens: int | None = None) -> dict:
+    """Parse failures, template collapse (distinct reports, most frequent ones) and empty-region rates.
+
+    `references` maps study id → gold regions; studies without a reference are left out of its column.
+    """
+    import pandas as pd
+
+    n = len(records)
+    failures = pd.DataFrame([{"id": r["id"], "text": r["text"]} for r in records if not r["parsed"]],
+                            columns=["id", "text"])
+    counts = Counter(" ".join(r["text"].split()) for r in records)
+    frequent = pd.DataFrame([{"report": text, "count": c, "share": c / n} for text, c in counts.most_common(top)],
+                            columns=["report", "count", "share"])
+    references = {k: v for k, v in (references or {}).items() if v}
+    with_ref = [r for r in records if r["id"] in references]
+    empty = pd.DataFrame({
+        "generated_empty": [sum(not r["regions"][k] for r in records) / n if n else None for k in REGIONS],
+        "reference_empty": [sum(not references[r["id"]][k] for r in with_ref) / len(with_ref) if with_ref else None
+                            for k in REGIONS],
+        "mean_confidence": [pd.Series([r["confidence"][k] for r in records], dtype=float).mean() for k in REGIONS],
+    }, index=list(REGIONS))
+    summary = {"studies": n, "parse_failures": len(failures), "failure_examples": failures.head(top),
+               "distinct_reports": len(counts), "most_frequent": frequent, "empty_regions": empty,
+               "studies_with_reference": len(with_ref)}
+    if max_new_tokens:
+        summary["hit_max_new_tokens"] = sum(r["n_tokens"] >= max_new_tokens for r in records)
+    return summary

@@ -1,0 +1,257 @@
+"""Notebook 02 on the tiny model: label masking, token budget, stages, resume, 4-bit on CPU, overfit, the notebook."""
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import helpers
+from helpers import training
+from helpers.modeling import (TINY_IMAGE_SIZE, generation_inputs, image_tokens_per_view, load_for_inference,
+                              load_processor, training_chat_template)
+
+TINY_PINPOINTS = [[TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]]
+
+
+@pytest.fixture(scope="module")
+def train_studies(sample_studies):
+    return helpers.by_split(sample_studies, "train")
+
+
+@pytest.fixture(scope="module")
+def by_views(train_studies):
+    """One training study with 1, 2 and 3 views."""
+    return {n: next(s for s in train_studies if len(s.image_paths) == n) for n in (1, 2, 3)}
+
+
+def config_for(tiny_model_dir, **overrides):
+    settings = {"profile": "demo", "model_id": tiny_model_dir, "max_length": None, "image_grid_pinpoints": TINY_PINPOINTS}
+    return training.make_config(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def two_stage(tiny_model_dir):
+    """A two_stage PEFT model (vision LoRA, projector, LLM LoRA), its processor and a stage-1 trainer."""
+    config = config_for(tiny_model_dir)
+    model, processor = training.load_training_model(config)
+    return config, model, processor
+
+
+def collate(trainer, studies, max_views=3):
+    dataset = training.build_dataset(studies, max_views)
+    return trainer.data_collator([dataset[i] for i in range(len(dataset))])
+
+
+def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_views, tmp_path):
+    config, model, processor = two_stage
+    stage = config["stages"][0]
+    studies = [by_views[1], by_views[2], by_views[3]]
+    dataset = training.build_dataset(studies, 3)
+    trainer = training.make_trainer(model, processor, config, stage, tmp_path, dataset, dataset)
+    batch = collate(trainer, studies)
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert batch["pixel_values"].shape[0] == batch["image_sizes"].shape[0] == 1 + 2 + 3  # one entry per view
+    for row, study in enumerate(studies):
+        ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
+        trained = (labels != -100).nonzero().flatten()
+        # the target and </s>, nothing else: prompt, images and padding are all -100
+        assert tokenizer.decode(ids[trained]) == helpers.format_report(study.regions) + "</s>"
+        assert trained.tolist() == list(range(trained[0], trained[-1] + 1))
+        assert (labels[ids == image_id] == -100).all()
+        assert (labels[mask == 0] == -100).all()
+        views = helpers.study_images(study, 3)
+        assert (ids == image_id).sum() == sum(image_tokens_per_view(processor, *v.size) for v in views)
+        # one BOS, and the prompt is token for token what generation feeds the model
+        assert ids[0] == tokenizer.bos_token_id and (ids == tokenizer.bos_token_id).sum() == 1
+        prompt = generation_inputs(processor, [views])["input_ids"][0]
+        assert ids[:trained[0]].tolist() == prompt.tolist()
+    # the multi-view batch goes through the model: image features and image tokens match
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_token_budget_is_exact_and_never_truncates(two_stage, train_studies, tmp_path):
+    config, model, processor = two_stage
+    counts = training.token_counts(train_studies, processor, 3)
+    assert [c["id"] for c in counts] == [s.id for s in train_studies]
+    max_length = max(c["total"] for c in counts)
+    dataset = training.build_dataset(train_studies, 3)
+    exact = training.make_trainer(model, processor, {**config, "max_length": max_length}, config["stages"][0],
+                                  tmp_path, dataset, dataset)
+    batch = collate(exact, train_studies)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert batch["input_ids"].shape[1] == max_length
+    for row, count in enumerate(counts):
+        assert batch["attention_mask"][row].sum() == count["total"]
+        assert (batch["input_ids"][row] == image_id).sum() == count["image_tokens"]
+        assert (batch["labels"][row] != -100).sum() == count["target_tokens"]
+    # the budget is tight: two tokens less (the template's trailing space after </s>, then </s>) cuts the target
+    short = training.make_trainer(model, processor, {**config, "max_length": max_length - 2}, config["stages"][0],
+                                  tmp_path, dataset, dataset)
+    longest = max(range(len(counts)), key=lambda i: counts[i]["total"])
+    assert (collate(short, train_studies)["labels"][longest] != -100).sum() == counts[longest]["target_tokens"] - 1
+
+
+def expected_lora(model, pattern, r):
+    import re
+
+    return sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and re.fullmatch(pattern, name))
+
+
+def test_stage_toggling_counts(two_stage, tiny_model_dir):
+    config, model, processor = two_stage
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    r = config["lora"]["r"]
+    llm, vision = expected_lora(base, training.LLM_TARGETS, r), expected_lora(base, training.VISION_TARGETS, r)
+    projector = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
+    assert llm > 0 and vision > 0 and projector > 0
+    stage1, stage2 = config["stages"]
+    assert training.set_trainable(model, stage1) == {"vision_tower": 0, "projector": projector,
+                                                     "language_model": llm, "other": 0}
+    assert training.set_trainable(model, stage2) == {"vision_tower": vision, "projector": projector,
+                                                     "language_model": llm, "other": 0}
+    shallow, delta = training.PRESETS["r2gengpt_shallow"][0], training.PRESETS["r2gengpt_delta"][0]
+    assert training.set_trainable(model, shallow) == {"vision_tower": 0, "projector": projector,
+                                                      "language_model": 0, "other": 0}
+    assert training.set_trainable(model, delta) == {"vision_tower": vision, "projector": projector,
+                                                    "language_model": 0, "other": 0}
+    # the qlora preset puts no LoRA on the vision tower at all
+    qlora = training.lora_config(config_for(tiny_model_dir, preset="qlora"))
+    assert expected_lora(base, qlora.target_modules, r) == llm
+
+
+def test_presets_and_profiles():
+    assert [s["epochs"] for s in training.resolve_stages("two_stage", 3)] == [1, 2]
+    assert [s["epochs"] for s in training.resolve_stages("qlora", 3)] == [3]
+    with pytest.raises(ValueError, match="needs more than 1 epoch"):
+        training.resolve_stages("two_stage", 1)
+    with pytest.raises(ValueError, match="unknown PRESET"):
+        training.resolve_stages("nope", 3)
+    with pytest.raises(ValueError, match="unknown PROFILE"):
+        training.resolve_profile("v100")
+    assert training.PROFILES["t4"]["load_in_4bit"] and not training.PROFILES["a100"]["load_in_4bit"]
+    assert (training.PROFILES["t4"]["batch_size"], training.PROFILES["t4"]["grad_accum"]) == (1, 8)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a GPU"):
+            training.resolve_profile("colab")
+
+
+def test_holdout_is_a_stable_slice_of_train(train_studies, sample_studies):
+    fit, held = training.holdout_split(train_studies)
+    assert len(held) == 2 and len(fit) == len(train_studies) - 2
+    assert not {s.id for s in fit} & {s.id for s in held}
+    assert {s.id for s in training.holdout_split(list(reversed(train_studies)))[1]} == {s.id for s in held}
+    with pytest.raises(ValueError, match="train split only"):
+        training.holdout_split(sample_studies)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAfterSave(TrainerCallback):
+    """Raise right after the checkpoint of `step` in stage `stage_dir` is on disk, like a Colab disconnect."""
+
+    def __init__(self, stage_dir_name, step):
+        self.stage_dir_name, self.step = stage_dir_name, step
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.output_dir.endswith(self.stage_dir_name) and state.global_step == self.step:
+            raise Interrupt
+
+
+class CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append((args.output_dir.rsplit("/", 1)[-1], state.global_step))
+
+
+def test_interrupted_run_resumes_without_redoing_anything(tiny_model_dir, train_studies, tmp_path):
+    stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage"]]
+    config = config_for(tiny_model_dir, stages=stages, max_length=256, save_steps=1)
+    fit, held = train_studies[:6], train_studies[6:7]  # 3 steps per stage
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        training.train(run_dir, config, fit, held, callbacks=[InterruptAfterSave("2_vision_lora", 2)])
+    assert (run_dir / "checkpoints" / "1_frozen_vision" / "stage_done.json").is_file()
+    assert not (run_dir / "adapter").exists()
+    counter = CountSteps()
+    metrics = training.train(run_dir, config, fit, held, callbacks=[counter])
+    assert counter.steps == [("2_vision_lora", 3)]  # stage 1 skipped, stage 2 continues at step 3
+    stage1, stage2 = metrics["stages"]
+    assert (stage1["global_step"], stage1["resumed_from_step"]) == (3, 0)
+    assert (stage2["global_step"], stage2["resumed_from_step"]) == (3, 2)
+    assert [step for step, _ in stage2["loss"]] == [1, 2, 3]
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    # a finished run is not trained again; other settings under the same run are refused
+    assert training.train(run_dir, config, fit, held, callbacks=[counter]) == metrics and len(counter.steps) == 1
+    with pytest.raises(ValueError, match="other settings"):
+        training.train(run_dir, {**config, "max_length": 300}, fit, held)
+
+
+def test_overfits_a_fixed_small_batch(tiny_model_dir, train_studies, tmp_path):
+    stages = [{"name": "overfit", "epochs": 20, "lr": 3e-3, "vision_lora": False, "projector": True, "llm_lora": True}]
+    config = config_for(tiny_model_dir, stages=stages, max_length=256, save_steps=10)
+    metrics = training.train(tmp_path / "run", config, train_studies[:2], train_studies[2:3])
+    losses = [loss for _, loss in metrics["stages"][0]["loss"]]
+    assert len(losses) == 20
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_qlora_4bit_trains_on_cpu_and_skips_modules_by_full_path(tiny_model_dir, train_studies, tmp_path):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    config = config_for(tiny_model_dir, preset="qlora", epochs=1, load_in_4bit=True, max_length=256, save_steps=2)
+    metrics = training.train(tmp_path / "run", config, train_studies[:4], train_studies[4:5])
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in metrics["stages"][0]["loss"])
+    model, processor, loaded = load_for_inference(tmp_path / "run")
+    assert loaded["load_in_4bit"] and loaded["image_grid_pinpoints"] == TINY_PINPOINTS
+    kinds = {name: type(m) for name, m in model.base_model.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    four_bit = {n for n, k in kinds.items() if issubclass(k, bnb.nn.Linear4bit)}
+    assert four_bit and all(".language_model." in n for n in four_bit)
+    assert any("vision_tower" in n for n in kinds) and any("multi_modal_projector" in n for n in kinds)
+    assert "lm_head" in kinds and "lm_head" not in four_bit
+    inputs = generation_inputs(processor, [helpers.study_images(train_studies[0], 3)])
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 4
+    # bare module names are not matched: the vision tower gets quantized
+    bare = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, quantization_config=bare,
+                                                        device_map={"": "cpu"})
+    assert isinstance(plain.model.vision_tower.encoder.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+def test_notebook_02_runs_in_demo_and_writes_the_run_contract(tmp_path, train_studies):
+    from helpers.run_notebooks import run_notebook
+
+    run_notebook("02_sft_lora_qlora.ipynb", tmp_path)
+    run_dir = tmp_path / "train" / "demo"
+    config = training.load_run_config(run_dir)
+    for key in ("model_id", "load_in_4bit", "image_grid_pinpoints", "max_views", "max_length", "preset", "stages",
+                "instruction", "holdout_ids"):
+        assert key in config
+    assert config["instruction"] == helpers.reports.INSTRUCTION and config["model_id"].endswith("tiny-llava")
+    assert set(config["holdout_ids"]) <= {s.id for s in train_studies}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["stages"]] == ["frozen_vision", "vision_lora"]
+    assert all(s["loss"] and s["eval_loss"] and s["seconds"] > 0 for s in metrics["stages"])
+    # stage 1 left the vision LoRA untouched (B stays zero); stage 2's fresh optimizer trained it
+    from peft.utils import load_peft_weights
+
+    def vision_b(folder):
+        weights = load_peft_weights(str(folder))
+        return [w for k, w in weights.items() if "vision_tower" in k and "lora_B" in k]
+
+    assert all((w == 0).all() for w in vision_b(run_dir / "checkpoints" / "1_frozen_vision" / "final"))
+    assert any((w != 0).any() for w in vision_b(run_dir / "adapter"))
+    model, processor, loaded = load_for_inference(run_dir)
+    assert loaded == config and processor.chat_template == training_chat_template(load_processor(config["model_id"]))
