@@ -61,10 +61,10 @@ def eager_attention(model):
 def generate_with_attention(model, processor, views: list, *, max_new_tokens: int = 128) -> dict:
     """Greedy generation for one study, keeping each text layer's attention row (mean over heads) per new token.
 
-    output_attentions would keep every layer's full prompt×prompt matrix (32 layers × 32 heads × 3,600² × 2 bytes
-    ≈ 26 GB for three views on the 7B), so forward hooks on the attention modules (what transformers' own recorder hooks) keep only the last
-    query row of each step. Returns `ids` (generated, up to EOS), `attention` (tokens × layers × keys, zero
-    for keys that did not exist yet) and the prompt's `input_ids`.
+    output_attentions would keep every layer's full prompt×prompt matrix (32 layers × 32 heads × 3,600² × 2
+    bytes ≈ 26 GB for three views on the 7B), so forward hooks on the attention modules (what transformers' own
+    recorder hooks) keep only the last query row of each step. Returns `ids` (generated, up to EOS),
+    `attention` (tokens × layers × keys, zero for keys that did not exist yet) and the prompt's `input_ids`.
     """
     import torch
 

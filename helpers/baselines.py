@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .data import REGIONS, study_images
+from .data import REGIONS, readable_studies, study_images
 from .storage import atomic_write_json
 
 
@@ -53,19 +53,21 @@ def retrieval_neighbors(cache_path: str | Path, model_id: str, train_studies, qu
                         load_model) -> dict[str, dict]:
     """Nearest train study per query by image embedding, cached in a JSON file for these settings.
 
+    Studies with an unreadable image are skipped (named in a warning), so a query may have no neighbour.
     `load_model()` returns (model, processor); it is called only when the cache is missing or stale, so a rerun
-    skips loading the base model.
+    reads no image and loads no model.
     """
     import json
 
     cache_path = Path(cache_path)
-    settings = {"model": model_id, "max_views": max_views, "train": sorted(s.id for s in train_studies)}
-    wanted = {q.id for q in queries}
+    settings = {"model": model_id, "max_views": max_views, "train": sorted(s.id for s in train_studies),
+                "queries": sorted(q.id for q in queries)}
     if cache_path.is_file():
         cached = json.loads(cache_path.read_text(encoding="utf-8"))
-        if cached["settings"] == settings and wanted <= set(cached["neighbors"]):
-            print(f"retrieval: {len(wanted)} neighbours from {cache_path}")
-            return {k: cached["neighbors"][k] for k in wanted}
+        if cached["settings"] == settings:
+            print(f"retrieval: {len(cached['neighbors'])} neighbours from {cache_path}")
+            return cached["neighbors"]
+    train_studies, queries = readable_studies(train_studies, max_views), readable_studies(queries, max_views)
     model, processor = load_model()
     neighbors = nearest_train_studies(image_embeddings(model, processor, train_studies, max_views), train_studies,
                                       image_embeddings(model, processor, queries, max_views), queries)

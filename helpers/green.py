@@ -14,7 +14,6 @@ from .data import REGIONS, DataError
 from .storage import JsonlStore, sha256
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-RadLlama2-7b"
-LIGHT_JUDGE = "StanfordAIMI/GREEN-RadPhi2"
 GREEN_MAX_LENGTH = 2048  # GREEN truncates prompts to this many tokens (and stops generating there)
 ERROR_CATEGORIES = ("a", "b", "c", "d", "e", "f")  # GREEN's clinically significant error types, in its order
 # GREEN sets this template on its tokenizer inside GREEN.__init__ (a local variable there, not importable);
@@ -351,12 +350,15 @@ def green_tables(frame, stats, system: str = "model", n_boot: int = 1000, seed: 
 
 def markdown_table(table, ci=None, digits: int = 3) -> str:
     """A README-ready markdown table (pandas' to_markdown needs tabulate, not worth a dependency)."""
+    import math
+
     def cell(row, column):
         value = table.loc[row, column]
-        text = "n/a" if value != value else f"{value:.{digits}f}"
-        if ci is not None and value == value:
-            text += f" [{ci.loc[row, f'{column} lo']:.{digits}f}, {ci.loc[row, f'{column} hi']:.{digits}f}]"
-        return text
+        if math.isnan(value):
+            return "n/a"
+        if ci is None:
+            return f"{value:.{digits}f}"
+        return f"{value:.{digits}f} [{ci.loc[row, f'{column} lo']:.{digits}f}, {ci.loc[row, f'{column} hi']:.{digits}f}]"
 
     lines = ["| | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
     lines += [f"| {row} | " + " | ".join(cell(row, c) for c in table.columns) + " |" for row in table.index]

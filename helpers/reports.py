@@ -23,8 +23,10 @@ _LEADING = re.compile(r"^(?:\s*(?:<s>|<pad>|<unk>))+")  # BOS / left padding whe
 # A region header inside a line ("… clear. Heart: normal"): starts a new line, so one-line answers parse too.
 _INLINE = re.compile(r"(?<=[.;])\s+(?=(?:\*\*)?(?:" + "|".join(sorted(_SYNONYMS, key=len, reverse=True))
                      + r")(?:\*\*)?\s*:)", re.IGNORECASE)
-# Any other "Header:" line (Impression:, Others:, Findings:) ends the current section instead of continuing it.
-_OTHER_HEADER = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?[A-Za-z][A-Za-z /]{0,30}(?:\*\*|__)?\s*:")
+# Another report section ("Impression:", "Others:") ends the current region instead of continuing it.
+_OTHER_HEADER = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?\s*(?:others?|impressions?|findings|"
+                           r"conclusions?|comparison|indications?|history|technique|recommendations?|notes?)\s*"
+                           r"(?:\*\*|__)?\s*:", re.IGNORECASE)
 
 
 def user_message(n_views: int) -> dict:

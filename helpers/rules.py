@@ -12,7 +12,7 @@ RULES_VERSION = "rules-v1"  # bump on any change of the rules: it is part of the
 # Keyword stems per region. A clause goes to the region of its first anatomical keyword (usually its subject);
 # to 'others' only when it names no anatomy ("Surgical clips in the right upper quadrant").
 LEXICON = {
-    "heart": r"heart|cardiac|cardio(?!mediastinal)|cardiomegaly|pericardial|ventric|atri(?:al|um)",
+    "heart": r"heart|cardiac|cardio(?!mediastinal)|cardiomegaly|pericardial|ventric|atri(?:al|um)|(?:aortic\s)?valve",
     "mediastinal": r"mediastin|\b(?:bi)?hil(?:ar|a)\b|aort|trachea|adenopathy|lymph|\bvascul|paratracheal|thymus|svc|"
                    r"superior vena",
     "bone": r"\bspin(?:e|al)|vertebra|rib(?:s)?\b|\bclavic|\bstern(?:um|al)|sternotomy|shoulder|humer|osse|bon(?:e|y)|"
@@ -31,7 +31,7 @@ _CARDIOMED = re.compile(r"(?:the\s+)?(?:cardia?o?[- ]?mediastinal(?:\s+(?:silhou
                         r"borders?|size))*|cardio(?:pulmonary|thymic)(?: mediastinal)? silhouettes?)", re.IGNORECASE)
 _NORMAL = re.compile(r"normal|unremarkable", re.IGNORECASE)
 _NOT_ONLY_NORMAL = re.compile(r"enlarg|widen|promin|tortu|calcif|cardiomegaly|abnormal|increase|shift|mass|large|"
-                              r"stable|unchanged|otherwise|since|prior|grossly", re.IGNORECASE)
+                              r"otherwise|grossly", re.IGNORECASE)
 _PREAMBLE = re.compile(r"^(?:[A-Za-z ]{2,20}:\s*|(?:frontal|pa|ap)(?: and lateral)? (?:views?|radiographs?) "
                        r"of the chest[^.]*?\b(?:show|demonstrate|reveal)s?\s+)", re.IGNORECASE)
 # "Given differences in patient rotation, heart size ...": the leading phrase is dropped if it names nothing
@@ -41,6 +41,7 @@ _LEADING = re.compile(r"^(?:given|considering|accounting for|allowing for|specif
 
 def clean(text: str) -> str:
     """Drop 'XXXX' redactions and repeated punctuation; normalize spaces."""
+    text = re.sub(r"\blymph X{2,}", "lymph nodes", text)  # the provided splits' reading of this redaction
     text = re.sub(r"\bX{2,}\b", " ", text)
     text = re.sub(r"\s+([,.;:])", r"\1", text)
     text = re.sub(r",\s*(?=[,.])", "", text)
@@ -77,17 +78,17 @@ _ADJECTIVE_FIRST = re.compile(r"^((?:the\s)?(?:(?:normal|stable|unremarkable|unc
 _LIST = re.compile(r"(\s*,\s*(?:and\s+|or\s+)?|\s+and\s+|\s+or\s+)", re.IGNORECASE)
 
 
-def _item_region(item: str, previous: str | None) -> str | None:
+def _item_region(item: str, previous: str | None, vascularity: str) -> str | None:
     """The region of one listed structure; None if it names none (it joins its neighbour)."""
     named = re.sub(r"(?i)\bX{2,}|\bthe\b|\bpulmonary\b", "", item).strip()
     if not named:  # 'XXXX', 'the pulmonary XXXX': the redacted structure cannot be placed
         return "others"
-    if previous == "heart" and re.match(r"(?i)(?:the\s)?(?:pulmonary\s)?vascula", item):  # one heart statement
-        return "heart"
+    if previous == "heart" and re.match(r"(?i)(?:the\s)?(?:pulmonary\s)?vascula", item):
+        return vascularity
     return region_of(item) if _KEYWORD.search(item) else None
 
 
-def _items(subject: str) -> list[tuple[str, str]]:
+def _items(subject: str, vascularity: str = "heart") -> list[tuple[str, str]]:
     """(region, text) per listed structure, merged while the region stays the same."""
     parts = _LIST.split(subject.strip())
     groups = []  # [region, text]
@@ -95,7 +96,7 @@ def _items(subject: str) -> list[tuple[str, str]]:
         item, sep = parts[i], parts[i - 1] if i else ""
         if not item.strip():
             continue
-        region = _item_region(item, groups[-1][0] if groups else None)
+        region = _item_region(item, groups[-1][0] if groups else None, vascularity)
         if groups and region in (groups[-1][0], None):
             groups[-1][1] += sep + item
         elif groups and groups[-1][0] is None:
@@ -138,7 +139,9 @@ def split_compound(sentence: str) -> list[tuple[str, str]] | None:
         body, predicate = body[:verb.start()], body[verb.start():]
     else:
         return None
-    items = _items(body)
+    # "Heart size and pulmonary vascularity ...": the provided splits keep the vascularity with the heart, or move it
+    # to the mediastinum or the lung, about equally often; after "appear(s) ... normal limits" mostly the mediastinum
+    items = _items(body, "mediastinal" if re.search(r"(?i)vascularity$", body.strip()) and re.match(r"(?i)\s+appears?\b.*normal limits", predicate) else "heart")
     if len(items) < 2 or max(len(t.split()) for _, t in items) > 6:  # a list of structures, not a clause
         return None
     head = items[-1][1].split()[1:]  # "Cardiac and mediastinal contours": "cardiac" borrows "contours"
@@ -146,6 +149,7 @@ def split_compound(sentence: str) -> list[tuple[str, str]] | None:
     for region, text in items:
         if re.fullmatch(r"(?i)\w+(?:al|ac|ar|ic)", text) and head and region != items[-1][0]:
             text = f"{text} {' '.join(head)}"
+        text = re.sub(r"(?i)(silhouette)s$", r"\1", text)  # one silhouette each, as the provided splits write it
         plural = text.split()[-1].lower().endswith("s") and not text.lower().endswith(("us", "is", "ss"))
         out.append((region, prefix + text + (predicate if plural or not predicate else _singular(predicate))))
     return out

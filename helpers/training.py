@@ -283,6 +283,7 @@ def train(run_dir, config: dict, train_studies, holdout_studies, callbacks=()) -
         print(f"{run_dir.name}: already trained; delete {run_dir} to train again")
         return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     model, processor = load_training_model(config)
+    processor.save_pretrained(run_dir / "adapter")  # now: TRL's collator leaves its truncation length in the tokenizer
     train_dataset = build_dataset(train_studies, config["max_views"])
     holdout_dataset = build_dataset(holdout_studies, config["max_views"])
     metrics = {"run": run_dir.name, "stages": []}
@@ -321,8 +322,9 @@ def train(run_dir, config: dict, train_studies, holdout_studies, callbacks=()) -
             "eval_loss": [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h]}
         atomic_write_json(done, record)
         metrics["stages"].append(record)
+    # the last stage's selected weights, also when every stage had finished before this call
+    set_peft_model_state_dict(model, load_peft_weights(str(stage_dirs[-1] / "final")))
     model.save_pretrained(run_dir / "adapter")
-    processor.save_pretrained(run_dir / "adapter")
     atomic_write_json(run_dir / "metrics.json", metrics)
     return metrics
 

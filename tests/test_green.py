@@ -161,6 +161,7 @@ def test_faithful_to_shipped_green(tmp_path, sample_studies):
     ours.max_new_tokens = green.GREEN_MAX_LENGTH - longest  # GREEN generates up to max_length=2048 in all
     records = ours.judge(list(zip(refs, hyps)))  # other batches (sorted, 2 per batch), duplicate judged once
     assert [r["response"] for r in records] == list(results.green_analysis)
+    assert min(r["n_new_tokens"] for r in records) > 50  # a real comparison, not a few tokens
     assert [green.green_scorer().compute_green(r["response"]) for r in records] == scores
     assert [green.score_response(r["response"])["parsed"] for r in records] == [
         green.green_scorer().parse_error_counts(c, "Matched Findings", for_reward=True)[0] is not None
@@ -242,3 +243,17 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
     assert set(stats.system) == {"model", "template", "retrieval"} and len(stats) == 3 * 2 * 4
     assert all((out / "plots" / name).stat().st_size > 0 for name in
                ["green_per_region.png", "error_categories.png", "score_distribution.png", "confidence_vs_errors.png"])
+
+
+def test_bad_predictions_named(tmp_path, capsys):
+    refs = [study(0, "test", lung="Clear."), study(1, "test", lung="Clear.")]
+    path = tmp_path / "predictions_test.jsonl"
+    path.write_text(json.dumps({"id": "s9", "regions": {r: "" for r in REGIONS}}) + "\n")
+    with pytest.raises(helpers.DataError, match=r"predictions_test.jsonl: study s9 is not in the reference split"):
+        green.load_predictions(path, refs)
+    path.write_text(json.dumps({"id": "s0", "regions": {"lung": "Clear."}}) + "\n")
+    with pytest.raises(helpers.DataError, match=r"predictions_test.jsonl: study s0: 'regions' must map"):
+        green.load_predictions(path, refs)
+    path.write_text(json.dumps({"id": "s0", "regions": {r: "" for r in REGIONS}}) + "\n")
+    rows = green.region_pairs("model", "test", refs, green.load_predictions(path, refs))
+    assert len(rows) == 4 and "1 of 2 studies have no prediction and are not scored: s1" in capsys.readouterr().out

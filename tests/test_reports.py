@@ -61,7 +61,8 @@ def test_round_trip_on_every_gold_report_of_the_real_annotation():
     ("Heart: Enlarged.", regions(heart="Enlarged.")),
     # all on one line, and a non-region header that must not leak into the previous section
     ("Lung: Clear. Heart: Normal. Bone: Intact.", regions(lung="Clear.", heart="Normal.", bone="Intact.")),
-    ("Lung: Clear.\nImpression: No acute disease.", regions(lung="Clear.")),
+    ("Bone: Intact.\n**Others:** Old granuloma.\nImpression: No acute disease.", regions(bone="Intact.")),
+    ("Lung: Clear.\nLeft base: minimal atelectasis.", regions(lung="Clear. Left base: minimal atelectasis.")),
 ])
 def test_parse_messy_outputs(text, expected):
     assert parse_report(text) == (expected, True)

@@ -181,7 +181,7 @@ def test_interrupted_run_resumes_without_redoing_anything(tiny_model_dir, train_
     with pytest.raises(Interrupt):
         training.train(run_dir, config, fit, held, callbacks=[InterruptAfterSave("2_vision_lora", 2)])
     assert (run_dir / "checkpoints" / "1_frozen_vision" / "stage_done.json").is_file()
-    assert not (run_dir / "adapter").exists()
+    assert not (run_dir / "adapter" / "adapter_config.json").exists()
     counter = CountSteps()
     metrics = training.train(run_dir, config, fit, held, callbacks=[counter])
     assert counter.steps == [("2_vision_lora", 3)]  # stage 1 skipped, stage 2 continues at step 3
@@ -190,6 +190,15 @@ def test_interrupted_run_resumes_without_redoing_anything(tiny_model_dir, train_
     assert (stage2["global_step"], stage2["resumed_from_step"]) == (3, 2)
     assert [step for step, _ in stage2["loss"]] == [1, 2, 3]
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    # killed after the last stage but before the adapter was written: the rerun writes the last stage's weights
+    from peft.utils import load_peft_weights
+
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "adapter" / "adapter_config.json").unlink()
+    assert training.train(run_dir, config, fit, held, callbacks=[counter]) == metrics and len(counter.steps) == 1
+    final, adapter = (load_peft_weights(str(d)) for d in (run_dir / "checkpoints" / "2_vision_lora" / "final",
+                                                            run_dir / "adapter"))
+    assert final.keys() == adapter.keys() and all(torch.equal(final[k], adapter[k]) for k in final)
     # a finished run is not trained again; other settings under the same run are refused
     assert training.train(run_dir, config, fit, held, callbacks=[counter]) == metrics and len(counter.steps) == 1
     with pytest.raises(ValueError, match="other settings"):
