@@ -10,7 +10,7 @@ venv: $(VENV)/.installed
 
 # torch first: here its CPU build comes from a local file; left to pip's resolver it would fetch a CUDA build.
 # green-score 0.0.12 pins Python ==3.12.1, torch 2.2.2 and transformers 4.40, which would break this stack:
-# it is installed without its dependencies, plus the few it imports (in requirements-dev.txt).
+# it is installed without its dependencies; the few it imports are in requirements.txt.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0

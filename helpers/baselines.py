@@ -9,8 +9,13 @@ from .storage import atomic_write_json
 
 
 def template_regions(train_studies) -> dict[str, str]:
-    """The most frequent train text of each region (an empty text if most train reports leave the region empty)."""
-    return {region: Counter(s.regions[region] for s in train_studies).most_common(1)[0][0] for region in REGIONS}
+    """The most frequent non-empty train text of each region.
+
+    Non-empty: in the real train split the most frequent bone "text" is empty (894 of 2,069), and an empty template
+    would score 0 on every study the headline counts (reference non-empty), which is no baseline at all.
+    """
+    return {region: Counter(s.regions[region] for s in train_studies if s.regions[region]).most_common(1)[0][0]
+            for region in REGIONS}
 
 
 def template_predictions(train_studies, queries) -> dict[str, dict]:

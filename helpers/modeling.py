@@ -138,7 +138,9 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFKC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # "\n" is its own token, as in Mistral's vocabulary, so no token spans two report sections
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                       pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()[]{}/-_*#%&+=<>|\n▁")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,

@@ -1,18 +1,20 @@
 """The offline region splitter: sentence and clause classification by keyword lexicons, plus the rewrite
 conventions of the provided IU X-Ray splits (a "cardiomediastinal" statement gives a heart AND a mediastinal
-sentence; compound subjects are split by region; 'XXXX' redactions removed; wording otherwise kept)."""
+sentence, unless the report states the heart on its own; compound subjects are split by region; 'XXXX' redactions
+removed; wording otherwise kept)."""
 from __future__ import annotations
 
 import re
 
 from .data import ALL_REGIONS
 
-RULES_VERSION = "rules-v1"  # bump on any change of the rules: it is part of the cache key
+RULES_VERSION = "rules-v2"  # bump on any change of the rules: it is part of the cache key
 
 # Keyword stems per region. A clause goes to the region of its first anatomical keyword (usually its subject);
 # to 'others' only when it names no anatomy ("Surgical clips in the right upper quadrant").
 LEXICON = {
-    "heart": r"heart|cardiac|cardio(?!mediastinal)|cardiomegaly|pericardial|ventric|atri(?:al|um)|(?:aortic\s)?valve",
+    "heart": r"heart|(?<!retro)cardiac|cardio(?!mediastinal)|cardiomegaly|pericardial|ventric|atri(?:al|um)|"
+             r"(?:aortic\s)?valve",
     "mediastinal": r"mediastin|\b(?:bi)?hil(?:ar|a)\b|aort|trachea|adenopathy|lymph|\bvascul|paratracheal|thymus|svc|"
                    r"superior vena",
     "bone": r"\bspin(?:e|al)|vertebra|rib(?:s)?\b|\bclavic|\bstern(?:um|al)|sternotomy|shoulder|humer|osse|bon(?:e|y)|"
@@ -31,9 +33,10 @@ _CARDIOMED = re.compile(r"(?:the\s+)?(?:cardia?o?[- ]?mediastinal(?:\s+(?:silhou
                         r"borders?|size))*|cardio(?:pulmonary|thymic)(?: mediastinal)? silhouettes?)", re.IGNORECASE)
 _NORMAL = re.compile(r"normal|unremarkable", re.IGNORECASE)
 _NOT_ONLY_NORMAL = re.compile(r"enlarg|widen|promin|tortu|calcif|cardiomegaly|abnormal|increase|shift|mass|large|"
-                              r"otherwise|grossly", re.IGNORECASE)
-_PREAMBLE = re.compile(r"^(?:[A-Za-z ]{2,20}:\s*|(?:frontal|pa|ap)(?: and lateral)? (?:views?|radiographs?) "
-                       r"of the chest[^.]*?\b(?:show|demonstrate|reveal)s?\s+)", re.IGNORECASE)
+                              r"otherwise|grossly|since|prior|compar", re.IGNORECASE)
+_PREAMBLE = re.compile(r"^(?:[A-Za-z ]{2,20}:\s*|(?:frontal|pa|ap)(?: \([^)]*\))?(?: and lateral)? "
+                       r"(?:views?|radiographs?) of the chest[^.]*?\b(?:show|demonstrate|reveal)s?\s+(?:an?\s+)?)",
+                       re.IGNORECASE)
 # "Given differences in patient rotation, heart size ...": the leading phrase is dropped if it names nothing
 _LEADING = re.compile(r"^(?:given|considering|accounting for|allowing for|specifically|compared (?:to|with))"
                       r"\b[^,.]*,\s*", re.IGNORECASE)
@@ -41,7 +44,6 @@ _LEADING = re.compile(r"^(?:given|considering|accounting for|allowing for|specif
 
 def clean(text: str) -> str:
     """Drop 'XXXX' redactions and repeated punctuation; normalize spaces."""
-    text = re.sub(r"\blymph X{2,}", "lymph nodes", text)  # the provided splits' reading of this redaction
     text = re.sub(r"\bX{2,}\b", " ", text)
     text = re.sub(r"\s+([,.;:])", r"\1", text)
     text = re.sub(r",\s*(?=[,.])", "", text)
@@ -55,11 +57,16 @@ def sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip(" .;,")]
 
 
+# a device placed in the heart ("catheter tip at the cavoatrial junction") is 'others' in the provided splits
+_DEVICE = re.compile(r"catheter|\btip\b|generator|pacemaker|pacer|\bleads\b|\bpicc\b|\bline\b|\btube\b|wire",
+                     re.IGNORECASE)
+
+
 def region_of(clause: str) -> str:
-    """The region of the clause's first anatomical keyword; 'others' if it names none."""
+    """The region of the clause's first anatomical keyword; 'others' if it names none or is a device in the heart."""
     regions = [m.lastgroup for m in _KEYWORD.finditer(clause)]
-    anatomical = [r for r in regions if r != "others"]
-    return (anatomical or ["others"])[0]
+    region = ([r for r in regions if r != "others"] or ["others"])[0]
+    return "others" if region == "heart" and _DEVICE.search(clause) else region
 
 
 def _sentence(text: str) -> str:
@@ -83,7 +90,7 @@ def _item_region(item: str, previous: str | None, vascularity: str) -> str | Non
     named = re.sub(r"(?i)\bX{2,}|\bthe\b|\bpulmonary\b", "", item).strip()
     if not named:  # 'XXXX', 'the pulmonary XXXX': the redacted structure cannot be placed
         return "others"
-    if previous == "heart" and re.match(r"(?i)(?:the\s)?(?:pulmonary\s)?vascula", item):
+    if previous == "heart" and re.match(r"(?i)(?:the\s)?(?:pulmonary\s)?vascula", item):  # "heart size and ..."
         return vascularity
     return region_of(item) if _KEYWORD.search(item) else None
 
@@ -110,7 +117,8 @@ def _items(subject: str, vascularity: str = "heart") -> list[tuple[str, str]]:
 
 def split_clauses(sentence: str) -> list[tuple[str, str]] | None:
     """'Heart size normal, stable mediastinal contours.': comma-separated clauses about different regions."""
-    parts, groups = re.split(r"(,\s+|(?<!consistent)(?<!compatible)\s+with\s+)", sentence.rstrip(".")), []
+    parts, groups = re.split(r"(,\s+|(?<!consistent)(?<!compatible)\s+with\s+|\s+and\s+(?=(?:the\s+)?cardio))",
+                             sentence.rstrip(".")), []
     for i in range(0, len(parts), 2):
         clause = parts[i]
         region = region_of(clause) if _KEYWORD.search(clause) and len(clause.split()) > 1 else None
@@ -127,6 +135,11 @@ def _singular(predicate: str) -> str:
                                           "have": "has"}.get(m.group(2).lower(), m.group(2) + "s"), predicate)
 
 
+# "Heart size and pulmonary vascularity ...": the provided splits keep the vascularity with the heart, move it to
+# mediastinal or to lung about equally often, except in this template, where mediastinal is the majority
+_VASCULARITY_TO_MEDIASTINAL = re.compile(r"\bvascularity\s+appears?\s+(?:within\s+)?normal limits", re.IGNORECASE)
+
+
 def split_compound(sentence: str) -> list[tuple[str, str]] | None:
     """A statement about several regions' structures, one sentence per region (None if not that form)."""
     prefix, body, predicate = "", sentence.rstrip("."), ""
@@ -139,9 +152,7 @@ def split_compound(sentence: str) -> list[tuple[str, str]] | None:
         body, predicate = body[:verb.start()], body[verb.start():]
     else:
         return None
-    # "Heart size and pulmonary vascularity ...": the provided splits keep the vascularity with the heart, or move it
-    # to the mediastinum or the lung, about equally often; after "appear(s) ... normal limits" mostly the mediastinum
-    items = _items(body, "mediastinal" if re.search(r"(?i)vascularity$", body.strip()) and re.match(r"(?i)\s+appears?\b.*normal limits", predicate) else "heart")
+    items = _items(body, "mediastinal" if _VASCULARITY_TO_MEDIASTINAL.search(sentence) else "heart")
     if len(items) < 2 or max(len(t.split()) for _, t in items) > 6:  # a list of structures, not a clause
         return None
     head = items[-1][1].split()[1:]  # "Cardiac and mediastinal contours": "cardiac" borrows "contours"
@@ -159,15 +170,21 @@ def cardiomediastinal(sentence: str) -> list[tuple[str, str]]:
     """The provided splits' convention: one heart sentence and one mediastinal sentence.
 
     "The cardiomediastinal silhouette is normal (in size and contour)" becomes "Cardiac contours are within
-    normal limits." + "Mediastinal contours are within normal limits."; other wordings keep their words with
-    'cardiomediastinal' replaced by 'cardiac' / 'mediastinal'.
+    normal limits." + "Mediastinal contours are within normal limits."; as the subject with another predicate it
+    becomes "cardiac/mediastinal contours" ("Mediastinal contours are enlarged."); other wordings keep their words
+    with 'cardiomediastinal' replaced by 'cardiac' / 'mediastinal' ("Stable mediastinal silhouette.").
     """
     match = _CARDIOMED.search(sentence)
     rest = sentence[match.end():]
-    plain_normal = _NORMAL.search(rest) and not _NOT_ONLY_NORMAL.search(rest)
-    if match.start() == 0 and re.match(r"\s+(?:is|are)\b", rest) and plain_normal:
+    subject = re.fullmatch(r"(?i)(?:otherwise,?\s*)?", sentence[:match.start()])
+    if subject and re.match(r"\s+(?:is|are|appears?)\b", rest) and _NORMAL.search(rest) \
+            and not _NOT_ONLY_NORMAL.search(rest):
         return [("heart", "Cardiac contours are within normal limits."),
                 ("mediastinal", "Mediastinal contours are within normal limits.")]
+    if subject:
+        rest = re.sub(r"^\s+(is|appears)\b", lambda m: " are" if m.group(1) == "is" else " appear", rest)
+        return [(region, f"{word} contours{rest}")
+                for region, word in (("heart", "Cardiac"), ("mediastinal", "Mediastinal"))]
     noun = re.sub(r"(?i)^(?:the\s+)?cardi\w*(?:[- ]mediastinal)?\s*", "", match.group(0)) or "contours"
     return [(region, f"{sentence[:match.start()]}{word} {noun}{rest}")
             for region, word in (("heart", "cardiac"), ("mediastinal", "mediastinal"))]
@@ -178,26 +195,38 @@ _REDACTED_PREDICATE = re.compile(r"\b(?:have|has|is|are|was|were)\s+X{2,}(?:\s+X
 
 
 def classify(sentence: str) -> list[tuple[str, str]]:
-    """(region, sentence) pairs for one input sentence."""
+    """(region, sentence) pairs for one input sentence; region 'cardiomediastinal' is resolved by split_rules."""
     if _REDACTED_PREDICATE.search(sentence):
         return [("others", sentence)]
-    sentence = _PREAMBLE.sub("", sentence)
+    preamble, out = _PREAMBLE.match(sentence), []
+    if preamble:  # "... views of the chest with overlying monitor leads show ...": the leads go to 'others'
+        sentence = sentence[preamble.end():]
+        device = re.search(r"(?i)\bwith\s+(.*?)\s+(?:show|demonstrate|reveal)s?\b", preamble.group(0))
+        out += [("others", device.group(1))] if device else []
     leading = _LEADING.match(sentence)
     if leading and not _KEYWORD.search(leading.group(0)):
         sentence = sentence[leading.end():]
-    out = []
     for region, part in split_compound(sentence) or split_clauses(sentence) or [(region_of(sentence), sentence)]:
-        out += cardiomediastinal(part) if _CARDIOMED.search(part) else [(region, part)]
+        out.append(("cardiomediastinal" if _CARDIOMED.search(part) else region, part))
     return out
+
+
+_HEART_SIZE = re.compile(r"\bheart\s+(?:size|is|appears)|cardiomegaly|cardiac size", re.IGNORECASE)
 
 
 def split_rules(text: str) -> dict:
     """The five regions of one findings text (deterministic; no model, no network)."""
     out = {k: [] for k in ALL_REGIONS}
-    for sentence in sentences(text):
-        for region, part in classify(sentence):
-            # 'others' keeps its 'XXXX': those statements could not be placed because of them
-            part = _sentence(part if region == "others" else clean(part))
-            if part and part not in out[region]:
-                out[region].append(part)
+    pairs = [pair for sentence in sentences(text) for pair in classify(sentence)]
+    # when the report states the heart on its own ("The heart size and cardiomediastinal silhouette are normal."),
+    # the provided splits keep the cardiomediastinal statement whole, in mediastinal only
+    if any(region == "heart" and _HEART_SIZE.search(part) for region, part in pairs):
+        pairs = [("mediastinal" if region == "cardiomediastinal" else region, part) for region, part in pairs]
+    pairs = [pair for region, part in pairs
+             for pair in (cardiomediastinal(part) if region == "cardiomediastinal" else [(region, part)])]
+    for region, part in pairs:
+        # 'others' keeps its 'XXXX': those statements could not be placed because of them
+        part = _sentence(part if region == "others" else clean(part))
+        if part and part not in out[region]:
+            out[region].append(part)
     return {k: " ".join(v) for k, v in out.items()}

@@ -37,11 +37,12 @@ PRESETS = {
 # Precision is not a profile setting: it follows the GPU (helpers.env.compute_dtype: fp16 on T4, bf16 on Ampere+).
 PROFILES = {
     "t4": {"load_in_4bit": True, "batch_size": 1, "grad_accum": 8, "epochs": 3, "save_steps": 50,
-           "save_total_limit": 2, "logging_steps": 10},
+           "save_total_limit": 2, "logging_steps": 10, "lr_scale": 1},
     "a100": {"load_in_4bit": False, "batch_size": 4, "grad_accum": 2, "epochs": 3, "save_steps": 50,
-             "save_total_limit": 2, "logging_steps": 10},
+             "save_total_limit": 2, "logging_steps": 10, "lr_scale": 1},
+    # the tiny random model needs a 10x learning rate to learn the report format in a few dozen steps
     "demo": {"load_in_4bit": False, "batch_size": 2, "grad_accum": 1, "epochs": 3, "save_steps": 4,
-             "save_total_limit": 2, "logging_steps": 1},
+             "save_total_limit": 2, "logging_steps": 1, "lr_scale": 10},
 }
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # config name: torch dtype
 
@@ -59,10 +60,10 @@ def resolve_profile(profile: str) -> str:
     return "a100" if torch.cuda.get_device_capability()[0] >= 8 else "t4"
 
 
-def resolve_stages(preset: str, epochs: int) -> list[dict]:
+def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
     if preset not in PRESETS:
         raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESETS)}")
-    stages = [dict(s) for s in PRESETS[preset]]
+    stages = [{**s, "lr": s["lr"] * lr_scale} for s in PRESETS[preset]]
     rest = epochs - sum(s["epochs"] for s in stages if s["epochs"] is not None)
     for stage in stages:
         if stage["epochs"] is None:
@@ -90,7 +91,7 @@ def make_config(*, profile: str, model_id: str, max_length: int, preset: str = "
     if load_in_4bit is not None:
         settings["load_in_4bit"] = load_in_4bit
     config = {"model_id": str(model_id), "profile": profile, "preset": preset, **settings,
-              "stages": stages or resolve_stages(preset, settings["epochs"]), "max_views": max_views,
+              "stages": stages or resolve_stages(preset, settings["epochs"], settings["lr_scale"]), "max_views": max_views,
               "image_grid_pinpoints": image_grid_pinpoints, "max_length": max_length, "instruction": INSTRUCTION,
               "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, "seed": seed, **extra}
     return json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
