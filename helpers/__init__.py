@@ -5,6 +5,9 @@ from .data import ALL_REGIONS, REGIONS, DataError, Study, by_split, load_studies
 from .env import get_secret, in_colab, setup
 from .reports import format_report, parse_report
 
+__all__ = ["ALL_REGIONS", "REGIONS", "DataError", "Study", "by_split", "load_studies", "readable_studies",
+           "study_images", "get_secret", "in_colab", "setup", "format_report", "parse_report"]
+
 _LAZY = {
     # notebook 01
     "split_regions": "regions", "split_many": "regions", "validate_split": "regions",

@@ -400,11 +400,10 @@ def _save(fig, path):
 
 def plot_region_scores(tables: dict, path):
     """Headline GREEN per region with bootstrap 95% CIs, one bar per system; `tables`: {system: (table, ci)}."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
     splits = list(next(iter(tables.values()))[0].index)
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 3.5), squeeze=False, sharey=True)
+    fig, axes = _split_axes(len(splits))
     columns = list(COLUMNS.values()) + ["Mean"]
     width = 0.8 / len(tables)
     for ax, split in zip(axes[0], splits):
@@ -421,14 +420,24 @@ def plot_region_scores(tables: dict, path):
     return _save(fig, path)
 
 
+def _headline_pairs(frame, system: str):
+    """The system's parsed pairs with a non-empty reference, and the splits present."""
+    return (frame[(frame.system == system) & ~frame.ref_empty & frame.parsed],
+            [s for s in SPLIT_NAMES if s in set(frame.split)])
+
+
+def _split_axes(n_splits: int):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, n_splits, figsize=(6 * n_splits, 3.5), squeeze=False, sharey=True)
+
+
 def plot_error_categories(frame, path, system: str = "model"):
     """Mean count of each clinically significant error type (a)-(f) per region, over scored headline pairs."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    scored = frame[(frame.system == system) & ~frame.ref_empty & frame.parsed]
-    splits = [s for s in SPLIT_NAMES if s in set(frame.split)]
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 3.5), squeeze=False, sharey=True)
+    scored, splits = _headline_pairs(frame, system)
+    fig, axes = _split_axes(len(splits))
     green = green_scorer()
     width = 0.8 / len(REGIONS)
     for ax, split in zip(axes[0], splits):
@@ -446,12 +455,10 @@ def plot_error_categories(frame, path, system: str = "model"):
 
 def plot_score_distribution(frame, path, system: str = "model"):
     """Histogram of per-pair GREEN (headline pairs) per region."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    scored = frame[(frame.system == system) & ~frame.ref_empty & frame.parsed]
-    splits = [s for s in SPLIT_NAMES if s in set(frame.split)]
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 3.5), squeeze=False, sharey=True)
+    scored, splits = _headline_pairs(frame, system)
+    fig, axes = _split_axes(len(splits))
     for ax, split in zip(axes[0], splits):
         part = scored[scored.split == split]
         for region in REGIONS:

@@ -35,3 +35,11 @@ def tiny_model_dir(tmp_path_factory, sample_studies) -> Path:
     from helpers.modeling import tokenizer_corpus
 
     return helpers.build_tiny_llava(tmp_path_factory.mktemp("tiny") / "tiny-llava", tokenizer_corpus(sample_studies))
+
+
+@pytest.fixture(scope="session")
+def model_and_processor(tiny_model_dir):
+    """The tiny model loaded once, the way notebooks load a hub checkpoint."""
+    import helpers
+
+    return helpers.modeling.load_model_and_processor(str(tiny_model_dir))

@@ -11,11 +11,6 @@ MAX_VIEWS = 3
 
 
 @pytest.fixture(scope="module")
-def model_and_processor(tiny_model_dir):
-    return helpers.modeling.load_model_and_processor(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def val_studies(sample_studies):
     return helpers.by_split(sample_studies, "val")
 

@@ -1,7 +1,6 @@
 """Notebook 04: GREEN protocol arithmetic, faithfulness to the shipped GREEN class, cache, baselines, notebook run."""
 import json
 import math
-import shutil
 
 import pytest
 
