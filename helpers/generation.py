@@ -11,6 +11,7 @@ from .modeling import generation_inputs
 from .reports import parse_report
 from .storage import JsonlStore
 
+
 def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
     """End offset in the decoded text of each token (decoding prefixes: tokenizers give no offsets for decoding)."""
     full = len(tokenizer.decode(ids, skip_special_tokens=True))

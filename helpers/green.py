@@ -254,7 +254,7 @@ def find_run(artifacts_dir: str | Path, run: str | None) -> str:
     if run is None and len(runs) == 1:
         return runs[0]
     if run is None or run not in runs:
-        raise DataError(f"{root}: no predictions for run {run!r}; runs with predictions: {runs} (set RUN)")
+        raise DataError(f"{root}: no predictions for run {run!r}; runs with predictions: {runs} (set RUN_NAME)")
     return run
 
 
