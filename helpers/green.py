@@ -64,21 +64,13 @@ def load_judge(model_id: str = DEFAULT_JUDGE, *, load_in_4bit: bool = False, dty
 
     GREEN always loads fp16; here the dtype follows the GPU (bf16 on Ampere+, fp16 on T4) or 4-bit.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .env import compute_dtype
-    from .modeling import bnb_4bit_config
+    from .modeling import load_weights
 
-    dtype = dtype or compute_dtype()
     # GREEN's choices: remote code for every judge but Phi; the tokenizer always with remote code
-    kwargs = {"dtype": dtype, "token": token, "trust_remote_code": "Phi" not in model_id}
-    if load_in_4bit:
-        kwargs["quantization_config"] = bnb_4bit_config(dtype)
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
-    if not load_in_4bit and torch.cuda.is_available():
-        model.to("cuda")
+    model = load_weights(AutoModelForCausalLM, model_id, load_in_4bit=load_in_4bit, dtype=dtype, token=token,
+                         trust_remote_code="Phi" not in model_id).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_id, add_eos_token=True, use_fast=True, trust_remote_code=True,
                                               padding_side="left", token=token)
     tokenizer.chat_template = CHAT_TEMPLATE

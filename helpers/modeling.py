@@ -24,6 +24,24 @@ def bnb_4bit_config(compute_dtype):
     )
 
 
+def load_weights(auto_class, model_id: str, *, load_in_4bit: bool = False, dtype=None, token: str | None = None,
+                 **kwargs):
+    """`auto_class.from_pretrained` in 4-bit (nf4, see bnb_4bit_config) or in `dtype`, on the GPU when there is one."""
+    import torch
+
+    from .env import compute_dtype
+
+    dtype = dtype or compute_dtype()
+    kwargs = {"dtype": dtype, "token": token, **kwargs}
+    if load_in_4bit:
+        kwargs.update(quantization_config=bnb_4bit_config(dtype),
+                      device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    model = auto_class.from_pretrained(model_id, **kwargs)
+    if not load_in_4bit and torch.cuda.is_available():
+        model.to("cuda")
+    return model
+
+
 def load_processor(model_id: str = DEFAULT_MODEL_ID, *, image_grid_pinpoints=None, token: str | None = None):
     """The processor alone (for token budgets), with the pinpoints and padding used everywhere in this project."""
     from transformers import AutoProcessor
@@ -48,22 +66,12 @@ def load_model_and_processor(model_id: str = DEFAULT_MODEL_ID, *, load_in_4bit: 
     tokens do not match". `processor_id` loads the processor from elsewhere (a trained run's adapter
     folder, whose processor carries the chat template used in training).
     """
-    import torch
     from transformers import AutoModelForImageTextToText
 
-    from .env import compute_dtype
-
-    dtype = dtype or compute_dtype()
     processor = load_processor(processor_id or model_id, image_grid_pinpoints=image_grid_pinpoints, token=token)
-    kwargs = {"dtype": dtype, "token": token}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if load_in_4bit:
-        kwargs["quantization_config"] = bnb_4bit_config(dtype)
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
-    if not load_in_4bit and torch.cuda.is_available():
-        model.to("cuda")
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = load_weights(AutoModelForImageTextToText, model_id, load_in_4bit=load_in_4bit, dtype=dtype, token=token,
+                         **extra)
     if image_grid_pinpoints is not None and hasattr(processor.image_processor, "image_grid_pinpoints"):
         model.config.image_grid_pinpoints = [list(p) for p in image_grid_pinpoints]
     return model, processor

@@ -241,20 +241,13 @@ def load_hf(model_id: str = DEFAULT_HF_MODEL, load_in_4bit: bool | None = None, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .env import compute_dtype
-    from .modeling import bnb_4bit_config
+    from .modeling import load_weights
 
     load_in_4bit = torch.cuda.is_available() if load_in_4bit is None else load_in_4bit
     if (model_id, load_in_4bit) in _HF_LOADED:
         return _HF_LOADED[model_id, load_in_4bit]
     token = token or get_secret("HF_TOKEN")
-    kwargs = {"dtype": compute_dtype(), "token": token}
-    if load_in_4bit:
-        kwargs.update(quantization_config=bnb_4bit_config(compute_dtype()),
-                      device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
-    model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs).eval()
-    if not load_in_4bit and torch.cuda.is_available():
-        model.to("cuda")
+    model = load_weights(AutoModelForCausalLM, model_id, load_in_4bit=load_in_4bit, token=token).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_id, token=token)
     tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
     if tokenizer.pad_token is None:
