@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import REGIONS, study_images
-from .generation import _n_generated, region_token_indices
+from .generation import generated_length, region_token_indices
 from .modeling import generation_inputs, image_tokens_per_view
 
 
@@ -78,8 +78,7 @@ def generate_with_attention(model, processor, views: list, *, max_new_tokens: in
             rows[index].append(output[1][0, :, -1, :].float().mean(0))
         return record
 
-    inputs = generation_inputs(processor, [views]).to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = generation_inputs(processor, [views], model)
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         with eager_attention(model), torch.inference_mode():
@@ -89,8 +88,7 @@ def generate_with_attention(model, processor, views: list, *, max_new_tokens: in
             handle.remove()
     prompt_len = inputs["input_ids"].shape[1]
     generated = out[0, prompt_len:].tolist()
-    eos = model.generation_config.eos_token_id
-    n = _n_generated(generated, set(eos if isinstance(eos, list) else [eos]))
+    n = generated_length(model, generated)
     keys = prompt_len + n - 1
     attention = np.zeros((n, len(layers), keys), dtype=np.float32)
     for layer, steps in enumerate(rows):

@@ -47,8 +47,10 @@ def region_token_indices(tokenizer, ids: list[int]) -> dict[str, list[int]]:
     return out
 
 
-def _n_generated(ids: list[int], stop_ids: set[int]) -> int:
+def generated_length(model, ids: list[int]) -> int:
     """Tokens up to and including the first end-of-sequence token (the rest is padding of finished rows)."""
+    eos = model.generation_config.eos_token_id
+    stop_ids = set(eos if isinstance(eos, list) else [eos])
     for i, token in enumerate(ids):
         if token in stop_ids:
             return i + 1
@@ -60,8 +62,7 @@ def generate_batch(model, processor, views: list[list], ids: list[str], *, max_n
     """One prediction record per study (schema of predictions_{val,test}.jsonl); deterministic decoding only."""
     import torch
 
-    inputs = generation_inputs(processor, views).to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = generation_inputs(processor, views, model)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                              repetition_penalty=repetition_penalty, return_dict_in_generate=True, output_scores=True)
@@ -69,12 +70,10 @@ def generate_batch(model, processor, views: list[list], ids: list[str], *, max_n
         logprobs = model.compute_transition_scores(out.sequences, out.scores, out.get("beam_indices"),
                                                    normalize_logits=True).float().cpu()
     generated = out.sequences[:, -len(out.scores):].cpu().tolist()
-    eos = model.generation_config.eos_token_id
-    stop_ids = set(eos if isinstance(eos, list) else [eos])
     tokenizer = processor.tokenizer
     records = []
     for row, (study_id, token_ids) in enumerate(zip(ids, generated)):
-        n = _n_generated(token_ids, stop_ids)
+        n = generated_length(model, token_ids)
         token_ids, probs = token_ids[:n], logprobs[row, :n].exp().tolist()
         text = tokenizer.decode(token_ids, skip_special_tokens=True)
         regions, parsed = parse_report(text)

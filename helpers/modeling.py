@@ -99,8 +99,11 @@ def training_chat_template(processor) -> str:
     return template
 
 
-def generation_inputs(processor, views: list[list]):
-    """Batched model inputs for generation, one list of PIL views per study, tokenized exactly like training."""
+def generation_inputs(processor, views: list[list], model=None):
+    """Batched model inputs for generation, one list of PIL views per study, tokenized exactly like training.
+
+    With `model`, the inputs are on its device and the pixel values in its dtype.
+    """
     from .reports import user_message
 
     conversations = []
@@ -110,8 +113,12 @@ def generation_inputs(processor, views: list[list]):
         message["content"] = [{**part, "image": next(content)} if part["type"] == "image" else part
                               for part in message["content"]]
         conversations.append([message])
-    return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt", processor_kwargs={"padding": True})
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt", processor_kwargs={"padding": True})
+    if model is not None:
+        inputs = inputs.to(model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
 
 
 def load_for_inference(run_dir, load_in_4bit: bool | None = None, attn_implementation: str | None = None):

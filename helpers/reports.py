@@ -16,15 +16,15 @@ _SYNONYMS = {
     "bone": "bone", "bones": "bone", "bony": "bone", "osseous": "bone", "skeletal": "bone",
 }
 _EMPTY = {"", "none", "n/a", "na", "-", "none.", "n/a.", "nil", "null"}
-_HEADER = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?\s*(" + "|".join(
-    sorted(_SYNONYMS, key=len, reverse=True)) + r")\s*(?:\*\*|__)?\s*[:\-–]\s*(?:\*\*|__)?", re.IGNORECASE)
+_NAMES = "|".join(sorted(_SYNONYMS, key=len, reverse=True))  # longest first: "lung fields" before "lung"
+_LINE_START = r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?\s*"  # bullet, number or markdown heading, bold
+_HEADER = re.compile(_LINE_START + r"(" + _NAMES + r")\s*(?:\*\*|__)?\s*[:\-–]\s*(?:\*\*|__)?", re.IGNORECASE)
 _JUNK = re.compile(r"(</s>|<\|[^|]*\|>|\[/?INST\]|<pad>|<unk>|<s>).*$", re.DOTALL)
 _LEADING = re.compile(r"^(?:\s*(?:<s>|<pad>|<unk>))+")  # BOS / left padding when decoded with specials
 # A region header inside a line ("… clear. Heart: normal"): starts a new line, so one-line answers parse too.
-_INLINE = re.compile(r"(?<=[.;])\s+(?=(?:\*\*)?(?:" + "|".join(sorted(_SYNONYMS, key=len, reverse=True))
-                     + r")(?:\*\*)?\s*:)", re.IGNORECASE)
+_INLINE = re.compile(r"(?<=[.;])\s+(?=(?:\*\*)?(?:" + _NAMES + r")(?:\*\*)?\s*:)", re.IGNORECASE)
 # Another report section ("Impression:", "Others:") ends the current region instead of continuing it.
-_OTHER_HEADER = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*|#+\s*)?(?:\*\*|__)?\s*(?:others?|impressions?|findings|"
+_OTHER_HEADER = re.compile(_LINE_START + r"(?:others?|impressions?|findings|"
                            r"conclusions?|comparison|indications?|history|technique|recommendations?|notes?)\s*"
                            r"(?:\*\*|__)?\s*:", re.IGNORECASE)
 
