@@ -18,8 +18,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --ignore-requires-python green-score==0.0.12
 	touch $@
 
+# make demo VISUAL_TOKENS=tile (or anyres): the same chain in another visual-token mode
 demo: venv
-	$(PY) -m helpers.run_notebooks --profile demo --out artifacts/demo
+	$(PY) -m helpers.run_notebooks --profile demo --out artifacts/demo $(if $(VISUAL_TOKENS),-p VISUAL_TOKENS $(VISUAL_TOKENS))
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -4,7 +4,8 @@ Layout of one view's `<image>` positions in LLaVA-NeXT (checked against transfor
 with vision_feature_select_strategy="default" the CLS output of every tile is dropped before projection (and the
 processor's +1 for it is subtracted again), so there is no CLS position: the first (S/p)² positions are the base
 tile (the whole image squashed to S×S) in row-major order, then the unpadded high-resolution grid row by row, each
-row followed by the learned `image_newline` position.
+row followed by the learned `image_newline` position. With visual tokens "base" (a plain LLaVA model) a view is
+the base tile alone.
 """
 from __future__ import annotations
 
@@ -19,19 +20,24 @@ from .modeling import generation_inputs, image_tokens_per_view
 
 
 def view_layout(model_config, processor, width: int, height: int) -> dict:
-    """Offsets within one view's image positions: `base` (side×side), `highres` (rows×cols), `newline` (rows)."""
+    """Offsets within one view's image positions: `base` (side×side), `highres` (rows×cols), `newline` (rows).
+
+    A plain LLaVA config (visual tokens "base") has the base grid only: `highres` and `newline` are empty.
+    """
     from transformers.image_processing_utils import select_best_resolution
 
     if model_config.vision_feature_select_strategy != "default":
         raise ValueError(f"vision_feature_select_strategy={model_config.vision_feature_select_strategy!r}: "
-                         "LLaVA-NeXT packs anyres tiles only without CLS ('default')")
+                         "the layout assumes the CLS output is dropped ('default')")
     tile = model_config.vision_config.image_size
     side = tile // model_config.vision_config.patch_size
-    best_h, best_w = select_best_resolution([height, width], model_config.image_grid_pinpoints)
-    # the processor's own count of the unpadded grid, so offsets agree with the number of <image> tokens
-    unpadded, rows = processor._get_unpadded_features(height, width, side, side, best_h // tile, best_w // tile)
-    cols = unpadded // rows
     n = image_tokens_per_view(processor, width, height)
+    rows, cols = 0, 0
+    if hasattr(model_config, "image_grid_pinpoints"):  # LLaVA-NeXT: the unpadded high-resolution grid follows
+        best_h, best_w = select_best_resolution([height, width], model_config.image_grid_pinpoints)
+        # the processor's own count of the unpadded grid, so offsets agree with the number of <image> tokens
+        unpadded, rows = processor._get_unpadded_features(height, width, side, side, best_h // tile, best_w // tile)
+        cols = unpadded // rows
     if side * side + rows * (cols + 1) != n:
         raise ValueError(f"image {width}x{height}: layout {side}²+{rows}x({cols}+1) != {n} image tokens")
     grid = side * side + np.arange(rows * (cols + 1)).reshape(rows, cols + 1)

@@ -24,7 +24,10 @@ def template_predictions(train_studies, queries) -> dict[str, dict]:
 
 
 def image_embeddings(model, processor, studies, max_views: int, batch_size: int = 32):
-    """One unit vector per study: the mean of its views' pooled vision-tower features (base tile: the whole image)."""
+    """One unit vector per study: the mean of its views' pooled vision-tower features (base tile: the whole image).
+
+    `model, processor` are loaded with visual_tokens="base".
+    """
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -35,8 +38,8 @@ def image_embeddings(model, processor, studies, max_views: int, batch_size: int 
     features = []
     for start in tqdm(range(0, len(views), batch_size), desc="image embeddings", unit="batch"):
         images = [image for _, image in views[start:start + batch_size]]
-        # LLaVA-NeXT pixel values are (images, tiles, 3, H, W); tile 0 is the whole image resized
-        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"][:, 0]
+        # the "base" visual-token processor: one tile per view, the whole image squashed to the tile size
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             pooled = tower(pixel_values=pixels.to(tower.device, dtype)).pooler_output
         features.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())

@@ -9,7 +9,7 @@ from .data import REGIONS, study_images
 from .env import peak_gpu_memory_gb
 from .modeling import generation_inputs
 from .reports import parse_report
-from .storage import JsonlStore
+from .storage import JsonlStore, run_batches
 
 
 def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
@@ -86,31 +86,32 @@ def generate_batch(model, processor, views: list[list], ids: list[str], *, max_n
 
 def generate_split(model, processor, studies, out_path: str | Path, *, max_views: int, batch_size: int = 8,
                    max_new_tokens: int = 256, num_beams: int = 1, repetition_penalty: float = 1.0) -> dict:
-    """Generate for every study not yet in `out_path`, appending one batch at a time; returns speed figures."""
+    """Generate for every study not yet in `out_path`, appending one batch at a time; returns speed figures.
+
+    `batch_size` is where it starts: it halves on CUDA out-of-memory (the batch is redone, nothing lost).
+    """
     import torch
-    from tqdm.auto import tqdm
 
     store = JsonlStore(out_path, key_field="id")
-    todo = [s for s in studies if s.id not in store]
     # batches of equal view count pad less; output does not depend on the batch (tested)
-    todo.sort(key=lambda s: min(len(s.image_paths), max_views))
+    ordered = sorted(studies, key=lambda s: min(len(s.image_paths), max_views))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start, tokens = time.time(), 0
-    with tqdm(total=len(studies), initial=len(studies) - len(todo), unit="study", desc=Path(out_path).name) as bar:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            records = generate_batch(model, processor, [study_images(s, max_views) for s in batch],
-                                     [s.id for s in batch], max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                     repetition_penalty=repetition_penalty)
-            store.append(records)
-            tokens += sum(r["n_tokens"] for r in records)
-            bar.update(len(batch))
-    seconds = time.time() - start
-    return {"file": str(out_path), "studies": len(studies), "generated_now": len(todo),
-            "already_done": len(studies) - len(todo), "seconds": round(seconds, 2),
-            "studies_per_s": round(len(todo) / seconds, 3) if todo else None,
-            "tokens_per_s": round(tokens / seconds, 1) if todo else None, "peak_gpu_memory_gb": peak_gpu_memory_gb()}
+
+    def generate(batch):
+        return generate_batch(model, processor, [study_images(s, max_views) for s in batch], [s.id for s in batch],
+                              max_new_tokens=max_new_tokens, num_beams=num_beams,
+                              repetition_penalty=repetition_penalty)
+
+    done_before = set(store.records)
+    run = run_batches(store, ordered, lambda s: s.id, generate, batch_size=batch_size, desc=Path(out_path).name,
+                      unit="study")
+    tokens = sum(r["n_tokens"] for key, r in store.records.items() if key not in done_before)
+    seconds, generated = run["seconds"], run["done_now"]
+    return {"file": str(out_path), "studies": len(studies), "generated_now": generated,
+            "already_done": run["done_before"], "seconds": seconds, "batch_size": run["batch_size"],
+            "studies_per_s": round(generated / seconds, 3) if generated else None,
+            "tokens_per_s": round(tokens / seconds, 1) if generated else None, "peak_gpu_memory_gb": peak_gpu_memory_gb()}
 
 
 def load_predictions(path: str | Path) -> list[dict]:

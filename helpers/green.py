@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .data import REGIONS, DataError
-from .storage import JsonlStore, sha256
+from .storage import JsonlStore, run_batches, sha256
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-RadLlama2-7b"
 GREEN_MAX_LENGTH = 2048  # GREEN truncates prompts to this many tokens (and stops generating there)
@@ -122,9 +122,10 @@ class Judge:
         self.model = self.tokenizer = None
 
     def judge(self, pairs: list[tuple[str, str]]) -> list[dict]:
-        """One cached record per (reference, candidate) pair, in order; identical pairs are judged once."""
-        from tqdm.auto import tqdm
+        """One cached record per (reference, candidate) pair, in order; identical pairs are judged once.
 
+        Batches start at `batch_size` and halve on CUDA out-of-memory (the batch is redone, nothing lost).
+        """
         keys = [judge_key(self.model_id, reference, candidate) for reference, candidate in pairs]
         unique = dict(zip(keys, pairs))
         todo = [key for key in unique if key not in self.store]
@@ -138,19 +139,18 @@ class Judge:
             lengths = {key: len(ids) for key, ids in zip(todo, self.tokenizer(list(texts.values()))["input_ids"])}
             # longest first: batches pad little, and an out-of-memory error shows in the first batch
             todo.sort(key=lambda key: -lengths[key])
-            with tqdm(total=len(todo), unit="pair", desc="GREEN judge") as bar:
-                for i in range(0, len(todo), self.batch_size):
-                    batch = todo[i:i + self.batch_size]
-                    start = time.time()
-                    results = generate_responses(self.model, self.tokenizer, [texts[k] for k in batch],
-                                                 self.max_new_tokens)
-                    seconds = (time.time() - start) / len(batch)
-                    self.store.append([{"key": key, "judge": self.model_id, "reference": unique[key][0],
-                                        "candidate": unique[key][1], "max_new_tokens": self.max_new_tokens,
-                                        "seconds": round(seconds, 3), **result}
-                                       for key, result in zip(batch, results)])
-                    bar.set_postfix_str(f"{seconds:.2f} s/pair")
-                    bar.update(len(batch))
+
+            def judge_batch(batch):
+                start = time.time()
+                results = generate_responses(self.model, self.tokenizer, [texts[k] for k in batch], self.max_new_tokens)
+                seconds = (time.time() - start) / len(batch)
+                return [{"key": key, "judge": self.model_id, "reference": unique[key][0], "candidate": unique[key][1],
+                         "max_new_tokens": self.max_new_tokens, "seconds": round(seconds, 3), **result}
+                        for key, result in zip(batch, results)]
+
+            run = run_batches(self.store, todo, lambda key: key, judge_batch, batch_size=self.batch_size,
+                              desc="GREEN judge", unit="pair")
+            self.batch_size = run["batch_size"]  # what fitted: the next call starts there
         return [self.store.get(key) for key in keys]
 
 

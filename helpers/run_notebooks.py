@@ -1,12 +1,24 @@
-"""Execute the notebooks headlessly, in order: `python -m helpers.run_notebooks --profile demo --out artifacts/demo`."""
+"""Execute the notebooks headlessly, in order.
+
+    python -m helpers.run_notebooks --profile demo --out artifacts/demo [-p NAME VALUE ...] [NOTEBOOK ...]
+
+Each `-p` parameter goes to the notebooks whose parameters cell declares it (as papermill's own -p does).
+"""
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
 from pathlib import Path
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def declared_parameters(name: str) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(NOTEBOOKS_DIR / name)))
 
 
 def run_notebook(name: str, artifacts_dir: str | Path, profile: str = "demo", **parameters) -> Path:
@@ -22,16 +34,32 @@ def run_notebook(name: str, artifacts_dir: str | Path, profile: str = "demo", **
     return executed
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="demo")
-    parser.add_argument("--out", default="artifacts/demo")
+def _value(text: str):
+    """A Python literal (numbers, True, None, lists) when it parses as one, else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="demo", help="PROFILE of every notebook (default: demo)")
+    parser.add_argument("--out", default="artifacts/demo", help="ARTIFACTS_DIR (default: artifacts/demo)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a notebook parameter, e.g. -p VISUAL_TOKENS tile (repeatable)")
     parser.add_argument("notebooks", nargs="*", help="names to run (default: all, in order)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = args.notebooks or sorted(p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    parameters = {name: _value(value) for name, value in args.parameter}
+    declared = {name: declared_parameters(name) for name in names}
+    unknown = set(parameters) - set().union(*declared.values())
+    if unknown:
+        parser.error(f"no notebook among {names} has the parameter(s) {sorted(unknown)}")
     for name in names:
         start = time.time()
-        executed = run_notebook(name, args.out, args.profile)
+        executed = run_notebook(name, args.out, args.profile,
+                                **{k: v for k, v in parameters.items() if k in declared[name]})
         print(f"{name}: ok in {time.time() - start:.0f}s -> {executed}")
     return 0
 

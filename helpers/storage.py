@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -80,3 +82,50 @@ class JsonlStore:
             os.fsync(f.fileno())
         for r in new:
             self.records[r[self.key_field]] = r
+
+
+def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, desc: str, unit: str = "item") -> dict:
+    """Run `work(batch) -> records` on the items whose `key(item)` is not in `store` yet, appending each batch's
+    records as soon as it is done, so a kill loses at most the batch in flight and a rerun skips what is done.
+
+    On CUDA out-of-memory the batch size halves and the same batch is tried again (down to 1): long GPU steps find
+    the batch size that fits instead of dying. Returns counts and the batch size that ran last.
+    """
+    from tqdm.auto import tqdm
+
+    todo = [item for item in items if key(item) not in store]
+    start, position = time.time(), 0
+    with tqdm(total=len(items), initial=len(items) - len(todo), unit=unit, desc=desc) as bar:
+        while position < len(todo):
+            batch = todo[position:position + batch_size]
+            try:
+                records = work(batch)
+            except Exception as error:
+                if batch_size == 1 or not _out_of_memory(error):
+                    raise
+                records = None
+            if records is None:  # retried here, after the except block released the failed batch's tensors
+                batch_size //= 2
+                _free_gpu_memory()
+                bar.write(f"{desc}: out of GPU memory, batch size now {batch_size}")
+                continue
+            store.append(records)
+            position += len(batch)
+            bar.update(len(batch))
+    return {"items": len(items), "done_now": len(todo), "done_before": len(items) - len(todo),
+            "seconds": round(time.time() - start, 2), "batch_size": batch_size}
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # no torch imported: nothing can have run out of GPU memory
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

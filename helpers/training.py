@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .modeling import DEFAULT_PINPOINTS, image_tokens_per_view
+from .modeling import image_tokens_per_view
 from .reports import INSTRUCTION, format_report, user_message
 from .storage import atomic_write_json, sha256
 
@@ -34,32 +35,6 @@ PRESETS = {
     "r2gengpt_delta": [_stage("projector_vision_lora", None, 1e-4, True, True, False)],
 }
 
-# Precision is not a profile setting: it follows the GPU (helpers.env.compute_dtype: fp16 on T4, bf16 on Ampere+).
-PROFILES = {
-    "t4": {"load_in_4bit": True, "batch_size": 1, "grad_accum": 8, "epochs": 3, "save_steps": 50,
-           "save_total_limit": 2, "logging_steps": 10, "lr_scale": 1},
-    "a100": {"load_in_4bit": False, "batch_size": 4, "grad_accum": 2, "epochs": 3, "save_steps": 50,
-             "save_total_limit": 2, "logging_steps": 10, "lr_scale": 1},
-    # the tiny random model needs a 10x learning rate to learn the report format in a few dozen steps
-    "demo": {"load_in_4bit": False, "batch_size": 2, "grad_accum": 1, "epochs": 3, "save_steps": 4,
-             "save_total_limit": 2, "logging_steps": 1, "lr_scale": 10},
-}
-PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # config name: torch dtype
-
-
-def resolve_profile(profile: str) -> str:
-    """'colab' becomes 't4' or 'a100' from the GPU: bf16-capable (Ampere+) means a100 settings."""
-    if profile != "colab":
-        if profile not in PROFILES:
-            raise ValueError(f"unknown PROFILE {profile!r}; choose one of {sorted(PROFILES) + ['colab']}")
-        return profile
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("PROFILE='colab' needs a GPU: Runtime > Change runtime type > T4 GPU (or use PROFILE='demo')")
-    return "a100" if torch.cuda.get_device_capability()[0] >= 8 else "t4"
-
-
 def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
     if preset not in PRESETS:
         raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESETS)}")
@@ -73,26 +48,24 @@ def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
     return stages
 
 
-def make_config(*, profile: str, model_id: str, max_length: int, preset: str = "two_stage", epochs: int | None = None,
-                max_views: int = 3, image_grid_pinpoints=DEFAULT_PINPOINTS, load_in_4bit: bool | None = None,
+def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_stage", epochs: int | None = None,
+                max_views: int = 3, visual_tokens: str | None = None, load_in_4bit: bool | None = None,
                 lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, stages: list[dict] | None = None,
                 seed: int = 0, **extra) -> dict:
-    """Every setting of a run, JSON-ready: written to config.json and read back by notebook 03.
+    """Every setting of a run, JSON-ready: written to config.json and read back by notebooks 03 and 04.
 
-    `stages` replaces the preset's stages (same keys as PRESETS); `extra` adds settings (e.g. token stats) or
-    overrides the profile's (e.g. save_steps).
+    `settings` (helpers.setup) gives the profile's values; None arguments take them. `stages` replaces the preset's
+    stages (same keys as PRESETS); `extra` adds settings (e.g. token stats) or overrides the profile's (save_steps).
     """
-    from .env import compute_dtype
-
-    profile = resolve_profile(profile)
-    precision = next(k for k, v in PRECISIONS.items() if str(compute_dtype()) == f"torch.{v}")
-    settings = {**PROFILES[profile], "precision": precision}
-    settings["epochs"] = epochs or settings["epochs"]
-    if load_in_4bit is not None:
-        settings["load_in_4bit"] = load_in_4bit
-    config = {"model_id": str(model_id), "profile": profile, "preset": preset, **settings,
-              "stages": stages or resolve_stages(preset, settings["epochs"], settings["lr_scale"]), "max_views": max_views,
-              "image_grid_pinpoints": image_grid_pinpoints, "max_length": max_length, "instruction": INSTRUCTION,
+    epochs = epochs or settings.epochs
+    config = {"model_id": str(model_id), "profile": settings.profile, "preset": preset,
+              "precision": settings.precision,
+              "load_in_4bit": settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
+              "visual_tokens": visual_tokens or settings.visual_tokens, "batch_size": settings.batch_size,
+              "grad_accum": settings.grad_accum, "epochs": epochs, "save_steps": settings.save_steps,
+              "save_total_limit": 2, "logging_steps": settings.logging_steps,
+              "stages": stages or resolve_stages(preset, epochs, settings.lr_scale), "max_views": max_views,
+              "max_length": max_length, "instruction": INSTRUCTION,
               "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, "seed": seed, **extra}
     return json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
 
@@ -203,16 +176,15 @@ def lora_config(config: dict):
 def load_training_model(config: dict):
     """Base model (4-bit or not) + one PEFT adapter holding every part any stage trains; processor with the
     training chat template."""
-    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from .env import get_secret
     from .modeling import load_model_and_processor, training_chat_template
+    from .settings import torch_dtype
 
-    dtype = getattr(torch, PRECISIONS[config["precision"]])
-    model, processor = load_model_and_processor(config["model_id"], load_in_4bit=config["load_in_4bit"], dtype=dtype,
-                                                image_grid_pinpoints=config["image_grid_pinpoints"],
-                                                token=get_secret("HF_TOKEN"))
+    model, processor = load_model_and_processor(config["model_id"], visual_tokens=config["visual_tokens"],
+                                                load_in_4bit=config["load_in_4bit"],
+                                                dtype=torch_dtype(config["precision"]), token=get_secret("HF_TOKEN"))
     processor.chat_template = training_chat_template(processor)
     if config["load_in_4bit"]:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -236,16 +208,26 @@ def make_trainer(model, processor, config: dict, stage: dict, output_dir, train_
         eval_strategy="steps", eval_steps=config["save_steps"], save_strategy="steps", save_steps=config["save_steps"],
         save_total_limit=config["save_total_limit"], load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, logging_steps=config["logging_steps"], report_to="none", seed=config["seed"],
-        dataloader_num_workers=0, disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processor, callbacks=list(callbacks))
-    # Adapter weights in fp32 except for QLoRA under AMP, where TRL keeps them in bf16 (QLoRA paper): AMP refuses
-    # fp16 gradients, and without AMP (CPU) bf16 weights would meet fp32 activations.
-    if not config["load_in_4bit"] or config["precision"] == "fp32":
-        for name, param in model.named_parameters():
-            if _part(name):
-                param.data = param.data.float()
-    return trainer
+        dataloader_num_workers=0, disable_tqdm=False)
+    with trainable_in_fp32(model):
+        return SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          processing_class=processor, callbacks=list(callbacks))
+
+
+@contextmanager
+def trainable_in_fp32(model):
+    """Every trainable parameter is fp32 after the block, in every precision, 4-bit or not.
+
+    SFTTrainer casts a quantized model's trainable parameters to bf16 (trl 1.16, sft_trainer.py), but the CUDA
+    GradScaler that fp16 training uses cannot unscale bf16 gradients ("_amp_foreach_non_finite_check_and_unscale_cuda"
+    not implemented for 'BFloat16'), and under autocast 16-bit master weights buy nothing. The tensors from before
+    the block are put back, so weights trained in an earlier stage are not rounded through bf16 on the way.
+    """
+    before = {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data = before.get(name, param.data).float()
 
 
 def _check_config(run_dir: Path, config: dict) -> None:

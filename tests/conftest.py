@@ -38,8 +38,24 @@ def tiny_model_dir(tmp_path_factory, sample_studies) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_and_processor(tiny_model_dir):
-    """The tiny model loaded once, the way notebooks load a hub checkpoint."""
+def load_tiny(tiny_model_dir):
+    """load_tiny(visual_tokens): the tiny model and processor in that mode, loaded once per mode like a hub id."""
     import helpers
 
-    return helpers.modeling.load_model_and_processor(str(tiny_model_dir))
+    loaded = {}
+
+    def load(visual_tokens):
+        if visual_tokens not in loaded:
+            loaded[visual_tokens] = helpers.modeling.load_model_and_processor(str(tiny_model_dir),
+                                                                              visual_tokens=visual_tokens)
+        return loaded[visual_tokens]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def model_and_processor(load_tiny):
+    """The tiny model in the default visual-token mode."""
+    from helpers.modeling import DEFAULT_VISUAL_TOKENS
+
+    return load_tiny(DEFAULT_VISUAL_TOKENS)

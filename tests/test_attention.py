@@ -15,9 +15,10 @@ def study(sample_studies):
     return next(s for s in helpers.by_split(sample_studies, "val") if len(s.image_paths) >= 2)
 
 
-def test_layout_matches_packed_image_features(model_and_processor, study):
+@pytest.mark.parametrize("mode", ["anyres", "tile"])
+def test_layout_matches_packed_image_features(load_tiny, study, mode):
     """The assumed layout, checked against what transformers' pack_image_features really produces."""
-    model, processor = model_and_processor
+    model, processor = load_tiny(mode)
     views = helpers.study_images(study, MAX_VIEWS)
     inputs = helpers.modeling.generation_inputs(processor, [views])
     with torch.no_grad():
@@ -39,6 +40,23 @@ def test_layout_matches_packed_image_features(model_and_processor, study):
         assert sorted(covered) == list(range(layout["n_tokens"]))
     # first view: the first side² positions are the base tile's patches in row-major order (no CLS position)
     assert torch.allclose(packed[0][:side * side], base_tile, atol=1e-5)
+
+
+def test_base_layout_is_the_base_grid_alone(load_tiny, study):
+    """visual tokens "base": each view's image features are its base tile's patches in row-major order, nothing else."""
+    model, processor = load_tiny("base")
+    views = helpers.study_images(study, MAX_VIEWS)
+    inputs = helpers.modeling.generation_inputs(processor, [views])
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        patches = model.model.multi_modal_projector(tower.hidden_states[model.config.vision_feature_layer][:, 1:])
+    for view, packed, expected in zip(views, features, patches):
+        layout = attention.view_layout(model.config, processor, *view.size)
+        side = layout["side"]
+        assert layout["n_tokens"] == side * side == packed.shape[0] and layout["newline"].size == 0
+        assert layout["highres"].size == 0 and sorted(layout["base"].ravel()) == list(range(side * side))
+        assert torch.allclose(packed, expected, atol=1e-5)
 
 
 def test_image_positions_split_per_view():

@@ -2,23 +2,24 @@
 import json
 
 import pandas as pd
+import pytest
 
 import helpers
-from helpers.run_notebooks import NOTEBOOKS_DIR, run_notebook
+from helpers.run_notebooks import NOTEBOOKS_DIR, main
 
 
-def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir):
+@pytest.mark.parametrize("mode", helpers.modeling.VISUAL_TOKENS)
+def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mode):
     names = sorted(p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
     assert names == ["01_region_prompting.ipynb", "02_sft_lora_qlora.ipynb", "03_generate.ipynb",
                      "04_green_eval.ipynb"]
-    for name in names:
-        run_notebook(name, tmp_path)
+    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode]) == 0  # what make demo VISUAL_TOKENS=... runs
 
     val_ids = {e["id"] for e in json.loads((sample_dir / "annotation.json").read_text())["val"]}
     assert set(json.loads((tmp_path / "regions" / "val_regions.json").read_text())) == val_ids
     config = json.loads((tmp_path / "train" / "demo" / "config.json").read_text())
     assert (tmp_path / "train" / "demo" / "adapter" / "adapter_config.json").is_file()
-    assert config["instruction"] == helpers.reports.INSTRUCTION
+    assert config["instruction"] == helpers.reports.INSTRUCTION and config["visual_tokens"] == mode
     for split, n in (("val", 4), ("test", 4)):
         lines = (tmp_path / "generate" / "demo" / f"predictions_{split}.jsonl").read_text().splitlines()
         assert len(lines) == n
@@ -29,3 +30,8 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir):
     assert list(table.index) == ["Validation", "Testing"]
     assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean"]
     assert (tmp_path / "eval" / "demo" / "green_table_ci.csv").is_file()
+
+
+def test_unknown_parameter_is_refused():
+    with pytest.raises(SystemExit):
+        main(["-p", "VISUAL_TOKEN", "tile", "02_sft_lora_qlora.ipynb"])

@@ -4,6 +4,7 @@ import json
 import pytest
 
 import helpers
+from helpers.settings import resolve
 from helpers import generation
 from helpers.data import REGIONS
 
@@ -93,6 +94,40 @@ def test_resume_after_interrupt(model_and_processor, sample_studies, tmp_path, m
     assert generation.generate_split(model, processor, studies, path, **kwargs)["generated_now"] == 0
 
 
+def test_out_of_memory_halves_the_batch_and_loses_nothing(model_and_processor, sample_studies, tmp_path,
+                                                         monkeypatch):
+    """A CUDA out-of-memory error (faked: more than 2 studies at once) halves the batch and redoes it."""
+    import torch
+
+    model, processor = model_and_processor
+    studies = helpers.by_split(sample_studies, "test") + helpers.by_split(sample_studies, "val")
+    kwargs = dict(max_views=MAX_VIEWS, max_new_tokens=8)
+    clean = generation.generate_split(model, processor, studies, tmp_path / "clean.jsonl", batch_size=2, **kwargs)
+    real, sizes = generation.generate_batch, []
+
+    def fits_two(model, processor, views, ids, **kw):
+        sizes.append(len(ids))
+        if len(ids) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, processor, views, ids, **kw)
+
+    monkeypatch.setattr(generation, "generate_batch", fits_two)
+    stats = generation.generate_split(model, processor, studies, tmp_path / "oom.jsonl", batch_size=8, **kwargs)
+    assert sizes[:3] == [8, 4, 2] and set(sizes[2:]) == {2} and stats["batch_size"] == 2
+    assert stats["generated_now"] == clean["generated_now"] == len(studies)
+    ours = generation.load_predictions(tmp_path / "oom.jsonl")
+    assert sorted(r["id"] for r in ours) == sorted(s.id for s in studies)  # each study once
+    assert {r["id"]: r["text"] for r in ours} == {r["id"]: r["text"] for r in
+                                                 generation.load_predictions(tmp_path / "clean.jsonl")}
+
+    def never_fits(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(generation, "generate_batch", never_fits)
+    with pytest.raises(torch.OutOfMemoryError):  # at batch size 1 there is nothing left to halve
+        generation.generate_split(model, processor, studies, tmp_path / "never.jsonl", batch_size=1, **kwargs)
+
+
 def _line_aligned_ids(tokenizer, text):
     """Token ids with the newline as its own token, as in Mistral's vocabulary (the tiny BPE merges across it)."""
     newline, ids = tokenizer.convert_tokens_to_ids("\n"), []
@@ -163,8 +198,7 @@ def demo_artifacts(tiny_model_dir, tmp_path_factory):
 
     artifacts = tmp_path_factory.mktemp("artifacts")
     run_dir = artifacts / "train" / "demo"
-    config = training.make_config(profile="demo", model_id=str(tiny_model_dir), max_length=512, max_views=MAX_VIEWS,
-                                  image_grid_pinpoints=[[56, 56]])
+    config = training.make_config(resolve("demo"), model_id=str(tiny_model_dir), max_length=512, max_views=MAX_VIEWS)
     model, processor = training.load_training_model(config)
     model.save_pretrained(run_dir / "adapter")
     processor.save_pretrained(run_dir / "adapter")

@@ -178,7 +178,7 @@ def test_baselines(tmp_path, sample_studies, tiny_model_dir):
 
     def load():
         loads.append(1)
-        return helpers.load_model_and_processor(str(tiny_model_dir))
+        return helpers.load_model_and_processor(str(tiny_model_dir), visual_tokens="base")
 
     neighbors = baselines.retrieval_neighbors(tmp_path / "nn.json", "tiny", train, train, 3, load)
     assert all(neighbors[s.id]["train_id"] == s.id for s in train)  # each study's nearest is itself

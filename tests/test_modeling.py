@@ -9,15 +9,82 @@ import helpers
 from helpers import modeling
 
 
-def test_tiny_model_is_idempotent_and_loads_like_a_hub_checkpoint(tiny_model_dir, sample_studies):
+@pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
+def test_tiny_model_loads_like_a_hub_checkpoint_in_every_mode(tiny_model_dir, load_tiny, mode):
     before = (tiny_model_dir / "config.json").stat().st_mtime_ns
-    assert modeling.build_tiny_llava(tiny_model_dir, ["ignored"]) == tiny_model_dir
+    assert modeling.build_tiny_llava(tiny_model_dir, ["ignored"]) == tiny_model_dir  # idempotent
     assert (tiny_model_dir / "config.json").stat().st_mtime_ns == before
-    model, processor = modeling.load_model_and_processor(str(tiny_model_dir), image_grid_pinpoints=[[56, 112]])
-    assert model.config.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == [[56, 112]]
+    model, processor = load_tiny(mode)
+    side = model.config.vision_config.image_size
+    if mode == "base":  # a plain LLaVA: same weights but image_newline, the base tile alone
+        assert type(model).__name__ == "LlavaForConditionalGeneration" and type(processor).__name__ == "LlavaProcessor"
+        assert not hasattr(model.config, "image_grid_pinpoints")
+    else:
+        hub_scaled = [[h * side // 336, w * side // 336] for h, w in modeling.HUB_PINPOINTS]
+        grid = [[side, side]] if mode == "tile" else hub_scaled
+        assert model.config.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == grid
+    assert (processor.patch_size, processor.vision_feature_select_strategy,
+            processor.num_additional_image_tokens) == (14, "default", 1)  # filled in from the model's config
     assert processor.tokenizer.padding_side == "left"
     widths = [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert all(w % 64 == 0 for w in widths)  # bitsandbytes' CPU 4-bit layers need it
+
+
+def test_base_mode_is_llava_next_without_image_newline(load_tiny, sample_studies):
+    """The same checkpoint weights in both classes, and the base processor's pixels are LLaVA-NeXT's base tile."""
+    (base, base_processor), (anyres, anyres_processor) = load_tiny("base"), load_tiny("anyres")
+    base_weights, anyres_weights = base.state_dict(), anyres.state_dict()
+    assert set(anyres_weights) - set(base_weights) == {"model.image_newline"} and set(base_weights) <= set(anyres_weights)
+    assert all(torch.equal(base_weights[k], anyres_weights[k]) for k in base_weights)
+    view = helpers.study_images(sample_studies[0], 1)[0]
+    squashed = base_processor.image_processor(images=[view], return_tensors="pt")["pixel_values"]
+    tiles = anyres_processor.image_processor(images=[view], return_tensors="pt")["pixel_values"]
+    assert squashed.shape[1:] == tiles.shape[2:] and torch.allclose(squashed[0], tiles[0, 0], atol=1e-6)
+
+
+def test_visual_tokens_per_view_for_the_real_geometry():
+    assert [modeling.visual_tokens_per_view(512, 512, m) for m in ("anyres", "tile", "base")] == [2928, 1176, 576]
+    # a non-square view costs fewer tokens in the LLaVA-NeXT modes (padding rows are unpadded away), never more
+    assert modeling.visual_tokens_per_view(512, 624, "tile") < 1176
+    assert modeling.visual_tokens_per_view(512, 624, "base") == 576
+    with pytest.raises(ValueError, match="unknown VISUAL_TOKENS"):
+        modeling.visual_tokens_per_view(512, 512, "grid")
+
+
+@pytest.fixture(scope="module")
+def real_geometry_dir(tmp_path_factory, sample_studies):
+    """A stand-in with llava-v1.6-mistral-7b's image geometry (CLIP 336/14, the hub's five pinpoints), tiny widths;
+    like the hub's, its saved processor has no patch size, feature strategy or extra-token count."""
+    return modeling.build_tiny_llava(tmp_path_factory.mktemp("real") / "geometry",
+                                     modeling.tokenizer_corpus(sample_studies), image_size=336)
+
+
+@pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
+def test_real_geometry_runs_a_three_view_forward_pass(real_geometry_dir, sample_studies, mode):
+    from transformers import AutoProcessor
+
+    bare = AutoProcessor.from_pretrained(real_geometry_dir)
+    assert (bare.patch_size, bare.num_additional_image_tokens) == (None, 0)  # what fails without fit_processor
+    model, processor = modeling.load_model_and_processor(str(real_geometry_dir), visual_tokens=mode)
+    study = next(s for s in sample_studies if len(s.image_paths) == 3)
+    views = helpers.study_images(study, 3)
+    inputs = modeling.generation_inputs(processor, [views], model)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    expected = [modeling.visual_tokens_per_view(*v.size, mode) for v in views]
+    assert (inputs["input_ids"] == image_id).sum() == sum(expected)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[1] == inputs["input_ids"].shape[1] and torch.isfinite(logits).all()
+
+
+def test_processor_that_disagrees_with_the_model_is_refused(tiny_model_dir):
+    from transformers import AutoConfig, AutoProcessor
+
+    config = modeling.model_config(AutoConfig.from_pretrained(tiny_model_dir), "tile")
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.patch_size = 16
+    with pytest.raises(ValueError, match="patch_size=16 but the model's config says 14"):
+        modeling.fit_processor(processor, config)
 
 
 def test_bnb_config_is_nf4_double_quant_and_skips_by_full_path():
@@ -25,30 +92,6 @@ def test_bnb_config_is_nf4_double_quant_and_skips_by_full_path():
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.float16
     assert config.llm_int8_skip_modules == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-
-
-def real_geometry_processor(tiny_model_dir, pinpoints):
-    """The llava-v1.6-mistral image geometry (336 px CLIP tiles, 14 px patches) on the tiny tokenizer, offline."""
-    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
-
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                                 image_grid_pinpoints=pinpoints)
-    return LlavaNextProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
-                              patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
-
-
-def test_default_pinpoints_cost_1176_tokens_per_view_instead_of_2928(tiny_model_dir):
-    default = real_geometry_processor(tiny_model_dir, modeling.DEFAULT_PINPOINTS)
-    anyres = real_geometry_processor(tiny_model_dir, [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
-    assert modeling.image_tokens_per_view(default, 672, 672) == 1176
-    assert modeling.image_tokens_per_view(anyres, 672, 672) == 2928
-    # a non-square view costs fewer tokens (padding rows are unpadded away), never more
-    assert modeling.image_tokens_per_view(default, 512, 624) < 1176
-    # and the count is what the processor really expands the placeholder into
-    image = Image.new("RGB", (512, 624))
-    ids = default(images=[image], text="<image>", return_tensors="pt")["input_ids"][0]
-    assert (ids == default.tokenizer.convert_tokens_to_ids("<image>")).sum() == modeling.image_tokens_per_view(
-        default, 512, 624)
 
 
 def test_training_template_renders_one_bos_for_generation(tiny_model_dir, sample_studies):

@@ -7,10 +7,11 @@ from transformers import TrainerCallback
 
 import helpers
 from helpers import training
-from helpers.modeling import (TINY_IMAGE_SIZE, generation_inputs, image_tokens_per_view, load_for_inference,
-                              load_processor, training_chat_template)
+from helpers.modeling import (generation_inputs, image_tokens_per_view, load_for_inference, load_processor,
+                              training_chat_template)
+from helpers.settings import resolve
 
-TINY_PINPOINTS = [[TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]]
+DEMO = resolve("demo")
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +25,14 @@ def by_views(train_studies):
     return {n: next(s for s in train_studies if len(s.image_paths) == n) for n in (1, 2, 3)}
 
 
-def config_for(tiny_model_dir, **overrides):
-    settings = {"profile": "demo", "model_id": tiny_model_dir, "max_length": None, "image_grid_pinpoints": TINY_PINPOINTS}
-    return training.make_config(**{**settings, **overrides})
+def config_for(tiny_model_dir, settings=DEMO, **overrides):
+    return training.make_config(settings, **{"model_id": tiny_model_dir, "max_length": None, **overrides})
 
 
-@pytest.fixture(scope="module")
-def two_stage(tiny_model_dir):
-    """A two_stage PEFT model (vision LoRA, projector, LLM LoRA), its processor and a stage-1 trainer."""
-    config = config_for(tiny_model_dir)
+@pytest.fixture(scope="module", params=helpers.modeling.VISUAL_TOKENS)
+def two_stage(tiny_model_dir, request):
+    """A two_stage PEFT model (vision LoRA, projector, LLM LoRA) and its processor, in each visual-token mode."""
+    config = config_for(tiny_model_dir, visual_tokens=request.param)
     model, processor = training.load_training_model(config)
     return config, model, processor
 
@@ -51,7 +51,8 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
     batch = collate(trainer, studies)
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-    assert batch["pixel_values"].shape[0] == batch["image_sizes"].shape[0] == 1 + 2 + 3  # one entry per view
+    assert batch["pixel_values"].shape[0] == 1 + 2 + 3  # one entry per view
+    assert batch.get("image_sizes", batch["pixel_values"]).shape[0] == 1 + 2 + 3  # LLaVA-NeXT: its size too
     for row, study in enumerate(studies):
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
         trained = (labels != -100).nonzero().flatten()
@@ -125,20 +126,46 @@ def test_stage_toggling_counts(two_stage, tiny_model_dir):
     assert expected_lora(base, qlora.target_modules, r) == llm
 
 
-def test_presets_and_profiles():
+def test_presets():
     assert [s["epochs"] for s in training.resolve_stages("two_stage", 3)] == [1, 2]
     assert [s["epochs"] for s in training.resolve_stages("qlora", 3)] == [3]
     with pytest.raises(ValueError, match="needs more than 1 epoch"):
         training.resolve_stages("two_stage", 1)
     with pytest.raises(ValueError, match="unknown PRESET"):
         training.resolve_stages("nope", 3)
-    with pytest.raises(ValueError, match="unknown PROFILE"):
-        training.resolve_profile("v100")
-    assert training.PROFILES["t4"]["load_in_4bit"] and not training.PROFILES["a100"]["load_in_4bit"]
-    assert (training.PROFILES["t4"]["batch_size"], training.PROFILES["t4"]["grad_accum"]) == (1, 8)
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="needs a GPU"):
-            training.resolve_profile("colab")
+
+
+@pytest.mark.parametrize("mode", helpers.modeling.VISUAL_TOKENS)
+def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, mode):
+    """The T4 path (4-bit, fp16): after each two_stage trainer is built every trainable parameter is fp32, and so is
+    every gradient, because the CUDA GradScaler that fp16 training uses cannot unscale bf16 gradients."""
+    from dataclasses import replace
+
+    t4 = replace(resolve("t4"), precision="fp16")  # what pick_profile gives a T4; fp16 is what its capability gives
+    config = config_for(tiny_model_dir, t4, max_length=512, visual_tokens=mode)
+    assert config["load_in_4bit"] and config["precision"] == "fp16"
+    model, processor = training.load_training_model(config)
+    dataset = training.build_dataset(train_studies[:2], 3)
+    previous = None
+    for stage in config["stages"]:
+        training.set_trainable(model, stage)
+        if previous:  # what stage 1 trained must reach stage 2 unrounded (TRL's bf16 cast is undone exactly)
+            for name, value in previous.items():
+                assert torch.equal(dict(model.named_parameters())[name].data, value), name
+        trainer = training.make_trainer(model, processor, config, stage, tmp_path / stage["name"], dataset, dataset)
+        assert trainer.args.fp16 and not trainer.args.bf16
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+        model(**trainer.data_collator([dataset[i] for i in range(2)])).loss.backward()
+        with_grad = {n for n, p in trainable.items() if p.grad is not None}
+        assert {trainable[n].grad.dtype for n in with_grad} == {torch.float32}
+        # only the vision tower's last layer gets no gradient: vision_feature_layer=-2 reads the layer before it
+        last = f"vision_tower.encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."
+        assert all(last in n for n in set(trainable) - with_grad)
+        model.zero_grad()
+        previous = {n: p.data.clone().add_(0.01) for n, p in trainable.items()}  # as if trained
+        for name, value in previous.items():
+            dict(model.named_parameters())[name].data.copy_(value)
 
 
 def test_holdout_is_a_stable_slice_of_train(train_studies, sample_studies):
@@ -222,7 +249,7 @@ def test_qlora_4bit_trains_on_cpu_and_skips_modules_by_full_path(tiny_model_dir,
     metrics = training.train(tmp_path / "run", config, train_studies[:4], train_studies[4:5])
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in metrics["stages"][0]["loss"])
     model, processor, loaded = load_for_inference(tmp_path / "run")
-    assert loaded["load_in_4bit"] and loaded["image_grid_pinpoints"] == TINY_PINPOINTS
+    assert loaded["load_in_4bit"] and loaded["visual_tokens"] == config["visual_tokens"]
     kinds = {name: type(m) for name, m in model.base_model.model.named_modules() if isinstance(m, torch.nn.Linear)}
     four_bit = {n for n, k in kinds.items() if issubclass(k, bnb.nn.Linear4bit)}
     assert four_bit and all(".language_model." in n for n in four_bit)
@@ -245,7 +272,7 @@ def test_notebook_02_runs_in_demo_and_writes_the_run_contract(tmp_path, train_st
     run_notebook("02_sft_lora_qlora.ipynb", tmp_path)
     run_dir = tmp_path / "train" / "demo"
     config = training.load_run_config(run_dir)
-    for key in ("model_id", "load_in_4bit", "image_grid_pinpoints", "max_views", "max_length", "preset", "stages",
+    for key in ("model_id", "load_in_4bit", "visual_tokens", "max_views", "max_length", "preset", "stages",
                 "instruction", "holdout_ids"):
         assert key in config
     assert config["instruction"] == helpers.reports.INSTRUCTION and config["model_id"].endswith("tiny-llava")

@@ -1,0 +1,142 @@
+"""The one settings step: which GPU this is, which profile that means, and every setting the notebooks take from it.
+
+Every notebook calls `helpers.setup(PROFILE, DATA_DIR, ARTIFACTS_DIR)` once; a notebook parameter left as None means
+"from these settings", and is resolved here only.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DRIVE_ROOT = Path("/content/drive/MyDrive/xray-rrg")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMALL_GPU_GIB = 24  # below this a 7B model in 16 bits (~14 GiB of weights) leaves too little room: load it in 4-bit
+
+# What each profile trains and runs with. Precision is not a profile setting: it follows the GPU (`precision_for`).
+# visual_tokens "base" everywhere: for a near-square X-ray, "tile" adds a second copy of the same 336 px image and
+# "anyres" costs 5x the tokens (README, "Visual tokens"); both stay one parameter away.
+PROFILES = {
+    # tiny random models built offline, on the CPU; the 10x learning rate lets them learn the format in a few steps
+    "demo": dict(load_in_4bit=False, batch_size=2, grad_accum=1, epochs=3, save_steps=4, logging_steps=1,
+                 lr_scale=10, generate_batch_size=4, judge_batch_size=8, judge_max_new_tokens=16),
+    # 15 GiB (T4, P100, V100-16GB): QLoRA
+    "t4": dict(load_in_4bit=True, batch_size=1, grad_accum=8, epochs=3, save_steps=50, logging_steps=10,
+               lr_scale=1, generate_batch_size=8, judge_batch_size=8, judge_max_new_tokens=512),
+    # 22-24 GiB (L4, A10, RTX 3090/4090): QLoRA, same effective batch
+    "l4": dict(load_in_4bit=True, batch_size=1, grad_accum=8, epochs=3, save_steps=50, logging_steps=10,
+               lr_scale=1, generate_batch_size=8, judge_batch_size=8, judge_max_new_tokens=512),
+    # 40 GiB and more (A100, H100): 16-bit LoRA
+    "a100": dict(load_in_4bit=False, batch_size=4, grad_accum=2, epochs=3, save_steps=50, logging_steps=10,
+                 lr_scale=1, generate_batch_size=16, judge_batch_size=16, judge_max_new_tokens=512),
+}
+
+
+def pick_profile(gpu_memory_gb: float | None, compute_capability: tuple[int, int] | None) -> str:
+    """The profile for a GPU with this much memory (GiB, as torch reports it); None: no GPU, the demo.
+
+    The capability does not change the profile (precision follows it separately, see `precision_for`).
+    """
+    if gpu_memory_gb is None:
+        return "demo"
+    if gpu_memory_gb < 20:
+        return "t4"
+    return "l4" if gpu_memory_gb < 35 else "a100"  # an A100-40GB reports 39.4
+
+
+def precision_for(compute_capability: tuple[int, int] | None) -> str:
+    """fp16 below compute capability 8 (T4, V100: no bf16), bf16 from Ampere on, fp32 without a GPU."""
+    if compute_capability is None:
+        return "fp32"
+    return "bf16" if compute_capability[0] >= 8 else "fp16"
+
+
+def gpu() -> tuple[str | None, float | None, tuple[int, int] | None]:
+    """(name, memory in GiB, compute capability) of GPU 0, or Nones without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None, None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, round(props.total_memory / 2**30, 1), (props.major, props.minor)
+
+
+@dataclass(frozen=True)
+class Settings:
+    profile: str
+    data_dir: Path
+    artifacts_dir: Path
+    gpu_name: str | None
+    gpu_memory_gb: float | None
+    precision: str  # "fp16" | "bf16" | "fp32": mixed precision of training, dtype of every 16-bit model
+    offline: bool  # demo: tiny random models built here, no API calls, no downloads
+    inference_4bit: bool  # the GREEN judge, the retrieval model and the hf splitter load in 4-bit
+    load_in_4bit: bool  # training: QLoRA (4-bit base model) or 16-bit LoRA
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    save_steps: int
+    logging_steps: int
+    lr_scale: float
+    generate_batch_size: int  # a start: generation halves it on out-of-memory
+    judge_batch_size: int  # likewise
+    judge_max_new_tokens: int
+    visual_tokens: str = "base"
+
+    @property
+    def dtype(self):
+        return torch_dtype(self.precision)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{k:>21}: {v}" for k, v in asdict(self).items())
+
+
+def resolve(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Settings:
+    """Settings for this machine without touching the file system (setup() also mounts Drive and checks the data)."""
+    name, memory, capability = gpu()
+    profile = profile or pick_profile(memory, capability)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown PROFILE {profile!r}; choose one of {sorted(PROFILES)} (None: from the GPU)")
+    offline = profile == "demo"
+    if offline:
+        default_data, default_artifacts = REPO_ROOT / "data" / "sample", REPO_ROOT / "artifacts" / "demo"
+    elif in_colab():
+        default_data, default_artifacts = DRIVE_ROOT / "data", DRIVE_ROOT / "artifacts"
+    else:
+        default_data, default_artifacts = REPO_ROOT / "data", REPO_ROOT / "artifacts"
+    return Settings(profile=profile, data_dir=Path(data_dir or default_data).resolve(),
+                    artifacts_dir=Path(artifacts_dir or default_artifacts).resolve(), gpu_name=name,
+                    gpu_memory_gb=memory, precision="fp32" if offline else precision_for(capability), offline=offline,
+                    inference_4bit=memory is not None and memory < SMALL_GPU_GIB and not offline,
+                    **PROFILES[profile])
+
+
+def setup(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Settings:
+    """The notebooks' first step: settings for this GPU and profile, Drive mounted in Colab, the data checked."""
+    if in_colab() and profile != "demo":
+        from google.colab import drive
+
+        drive.mount("/content/drive")
+    settings = resolve(profile, data_dir, artifacts_dir)
+    annotation = settings.data_dir / "annotation.json"
+    if not annotation.is_file():
+        raise FileNotFoundError(f"{annotation} not found: put annotation.json and images/ there (see README, "
+                                f"'Data'), or set DATA_DIR")
+    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    print(settings)
+    return settings
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def default_dtype():
+    """The dtype of 16-bit models on this machine: `precision_for` its GPU (fp32 on the CPU)."""
+    return torch_dtype(precision_for(gpu()[2]))

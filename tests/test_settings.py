@@ -1,0 +1,38 @@
+"""The one settings step: profile from the GPU's memory, precision from its capability, what each notebook gets."""
+import pytest
+
+from helpers import settings
+from helpers.settings import pick_profile, precision_for
+
+
+def test_pick_profile_by_gpu_memory():
+    assert pick_profile(14.7, (7, 5)) == "t4"  # T4 as torch reports it
+    assert pick_profile(22.2, (8, 9)) == "l4"
+    assert pick_profile(39.4, (8, 0)) == "a100"  # A100-40GB
+    assert pick_profile(79.1, (9, 0)) == "a100"
+    assert pick_profile(None, None) == "demo"
+    assert [pick_profile(m, (8, 0)) for m in (19.9, 20.0, 34.9, 35.0)] == ["t4", "l4", "l4", "a100"]
+
+
+def test_precision_follows_capability():
+    assert [precision_for(c) for c in ((7, 5), (8, 0), (9, 0), None)] == ["fp16", "bf16", "bf16", "fp32"]
+
+
+@pytest.mark.parametrize("memory,capability,profile,inference_4bit,precision", [
+    (14.7, (7, 5), "t4", True, "fp16"), (22.2, (8, 9), "l4", True, "bf16"), (39.4, (8, 0), "a100", False, "bf16")])
+def test_settings_for_each_gpu(monkeypatch, tmp_path, memory, capability, profile, inference_4bit, precision):
+    monkeypatch.setattr(settings, "gpu", lambda: ("GPU", memory, capability))
+    resolved = settings.resolve(None, tmp_path, tmp_path)
+    assert (resolved.profile, resolved.inference_4bit, resolved.precision) == (profile, inference_4bit, precision)
+    assert resolved.load_in_4bit == (profile != "a100")  # QLoRA below 35 GiB
+    assert (resolved.batch_size, resolved.grad_accum) == ((4, 2) if profile == "a100" else (1, 8))
+
+
+def test_demo_and_unknown_profiles(tmp_path):
+    demo = settings.resolve("demo")
+    assert demo.offline and demo.precision == "fp32" and not demo.inference_4bit
+    assert demo.data_dir == settings.REPO_ROOT / "data" / "sample"
+    with pytest.raises(ValueError, match="unknown PROFILE 'colab'"):
+        settings.resolve("colab")
+    with pytest.raises(FileNotFoundError, match="annotation.json not found"):
+        settings.setup("demo", data_dir=tmp_path)
