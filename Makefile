@@ -1,10 +1,11 @@
 # make demo: the four notebooks, headless, on the bundled sample (artifacts/demo/)
 # make test: the test suite (what CI runs)
+# make gpu-check: GPU memory and speed at the real 7B shapes, random weights (artifacts/gpu_check.json)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +25,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+gpu-check: venv
+	$(PY) -m helpers.gpu_check
 
 clean:
 	rm -rf artifacts/demo

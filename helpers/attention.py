@@ -10,11 +10,13 @@ the base tile alone.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
+from transformers.image_processing_utils import select_best_resolution
 
-from .data import REGIONS, study_images
+from .data import study_images
 from .generation import generated_length, region_token_indices
 from .modeling import generation_inputs, image_tokens_per_view
 
@@ -24,8 +26,6 @@ def view_layout(model_config, processor, width: int, height: int) -> dict:
 
     A plain LLaVA config (visual tokens "base") has the base grid only: `highres` and `newline` are empty.
     """
-    from transformers.image_processing_utils import select_best_resolution
-
     if model_config.vision_feature_select_strategy != "default":
         raise ValueError(f"vision_feature_select_strategy={model_config.vision_feature_select_strategy!r}: "
                          "the layout assumes the CLS output is dropped ('default')")
@@ -72,8 +72,6 @@ def generate_with_attention(model, processor, views: list, *, max_new_tokens: in
     recorder hooks) keep only the last query row of each step. Returns `ids` (generated, up to EOS),
     `attention` (tokens × layers × keys, zero for keys that did not exist yet) and the prompt's `input_ids`.
     """
-    import torch
-
     layers = [m for name, m in model.named_modules() if name.endswith("self_attn") and "language_model" in name]
     rows = [[] for _ in layers]
 
@@ -105,8 +103,6 @@ def generate_with_attention(model, processor, views: list, *, max_new_tokens: in
 
 def visual_share(attention: np.ndarray, positions: list[np.ndarray], region_tokens: dict[str, list[int]]):
     """Per region and layer: mean share of attention on image positions, and on everything else (they sum to 1)."""
-    import pandas as pd
-
     visual = np.concatenate(positions)
     rows = []
     for region, idx in region_tokens.items():
@@ -153,75 +149,3 @@ def analyze_study(model, processor, study, *, max_views: int, max_new_tokens: in
             "shares": visual_share(result["attention"], positions, regions),
             "heatmaps": base_heatmaps(result["attention"], positions, layouts, regions, layers),
             "attention": result["attention"], "positions": positions, "layouts": layouts}
-
-
-def plot_shares(analysis: dict, out_dir: str | Path):
-    """Visual share vs layer, one line per region; saved as <id>_visual_share.png."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for region, df in analysis["shares"].groupby("region", sort=False):
-        ax.plot(df["layer"], df["visual_share"], marker="o", label=f"{region} ({df['n_tokens'].iloc[0]} tokens)")
-    ax.set(xlabel="layer", ylabel="attention share on image tokens", ylim=(0, 1), title=analysis["id"])
-    if len(analysis["shares"]):
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no region tokens generated", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    _save(fig, out_dir, f"{analysis['id']}_visual_share.png")
-    return fig
-
-
-def plot_heatmaps(analysis: dict, out_dir: str | Path):
-    """Rows = regions, columns = views: base-grid attention stretched over the X-ray; saved as <id>_heatmaps.png."""
-    import matplotlib.pyplot as plt
-
-    maps, views = analysis["heatmaps"], analysis["views"]
-    if not maps:
-        return None
-    fig, axes = plt.subplots(len(maps), len(views), figsize=(2.6 * len(views), 2.6 * len(maps)), squeeze=False)
-    for row, (region, per_view) in enumerate(maps.items()):
-        for col, (heat, image) in enumerate(zip(per_view, views)):
-            ax = axes[row, col]
-            width, height = image.size
-            ax.imshow(image.convert("L"), cmap="gray", extent=(0, width, height, 0))
-            # the base tile is the whole image squashed to a square: the extent stretches it back
-            ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, width, height, 0), interpolation="bilinear")
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{region} · view {col + 1}", fontsize=8)
-    fig.suptitle(analysis["id"], fontsize=9)
-    fig.tight_layout()
-    _save(fig, out_dir, f"{analysis['id']}_heatmaps.png")
-    return fig
-
-
-def confidence_frame(records: list[dict]):
-    """Long table (id, region, confidence) of the per-region mean token probabilities in a predictions file."""
-    import pandas as pd
-
-    return pd.DataFrame([{"id": r["id"], "region": k, "confidence": r["confidence"][k]}
-                         for r in records for k in REGIONS], columns=["id", "region", "confidence"])
-
-
-def plot_confidence(records: list[dict], out_dir: str | Path, name: str = "confidence.png"):
-    """Histogram of per-region mean token probability (regions without tokens are counted in the legend)."""
-    import matplotlib.pyplot as plt
-
-    df = confidence_frame(records)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for region in REGIONS:
-        values = df.loc[df["region"] == region, "confidence"].dropna()
-        missing = (df["region"] == region).sum() - len(values)
-        ax.hist(values, bins=20, range=(0, 1), histtype="step",
-                label=f"{region} (n={len(values)}, no tokens={missing})")
-    ax.set(xlabel="mean token probability of the region", ylabel="studies")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, out_dir, name)
-    return fig
-
-
-def _save(fig, out_dir, name):
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / name, dpi=110)

@@ -1,8 +1,13 @@
 """Notebook 04 baselines, judged by GREEN like the model: a frequency template and image-embedding retrieval."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from .data import REGIONS, readable_studies, study_images
 from .storage import atomic_write_json
@@ -28,10 +33,6 @@ def image_embeddings(model, processor, studies, max_views: int, batch_size: int 
 
     `model, processor` are loaded with visual_tokens="base".
     """
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
     tower = model.model.vision_tower
     dtype = next(tower.parameters()).dtype
     views = [(i, image) for i, study in enumerate(studies) for image in study_images(study, max_views)]
@@ -65,8 +66,6 @@ def retrieval_neighbors(cache_path: str | Path, model_id: str, train_studies, qu
     `load_model()` returns (model, processor); it is called only when the cache is missing or stale, so a rerun
     reads no image and loads no model.
     """
-    import json
-
     cache_path = Path(cache_path)
     settings = {"model": model_id, "max_views": max_views, "train": sorted(s.id for s in train_studies),
                 "queries": sorted(q.id for q in queries)}

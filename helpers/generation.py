@@ -1,14 +1,16 @@
 """Notebook 03: batched deterministic generation, per-region token confidence, resumable predictions, summary."""
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
-from .data import REGIONS, study_images
-from .env import peak_gpu_memory_gb
+import pandas as pd
+import torch
+
+from .data import REGIONS, DataError, study_images
 from .modeling import generation_inputs
 from .reports import parse_report
+from .settings import peak_gpu_memory_gb
 from .storage import JsonlStore, run_batches
 
 
@@ -60,8 +62,6 @@ def generated_length(model, ids: list[int]) -> int:
 def generate_batch(model, processor, views: list[list], ids: list[str], *, max_new_tokens: int = 256,
                    num_beams: int = 1, repetition_penalty: float = 1.0) -> list[dict]:
     """One prediction record per study (schema of predictions_{val,test}.jsonl); deterministic decoding only."""
-    import torch
-
     inputs = generation_inputs(processor, views, model)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
@@ -90,8 +90,6 @@ def generate_split(model, processor, studies, out_path: str | Path, *, max_views
 
     `batch_size` is where it starts: it halves on CUDA out-of-memory (the batch is redone, nothing lost).
     """
-    import torch
-
     store = JsonlStore(out_path, key_field="id")
     # batches of equal view count pad less; output does not depend on the batch (tested)
     ordered = sorted(studies, key=lambda s: min(len(s.image_paths), max_views))
@@ -114,8 +112,20 @@ def generate_split(model, processor, studies, out_path: str | Path, *, max_views
             "tokens_per_s": round(tokens / seconds, 1) if generated else None, "peak_gpu_memory_gb": peak_gpu_memory_gb()}
 
 
-def load_predictions(path: str | Path) -> list[dict]:
-    return list(JsonlStore(path, key_field="id").records.values())
+def load_predictions(path: str | Path, references: list | None = None) -> dict[str, dict]:
+    """A predictions file by study id; with `references` (the split's studies) every record is checked against them."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: predictions file not found: run notebook 03 for this run first")
+    records = JsonlStore(path, key_field="id").records
+    known = None if references is None else {s.id for s in references}
+    for study_id, record in records.items():
+        if known is not None and study_id not in known:
+            raise DataError(f"{path}: study {study_id} is not in the reference split")
+        regions = record.get("regions")
+        if not isinstance(regions, dict) or any(not isinstance(regions.get(k), str) for k in REGIONS):
+            raise DataError(f"{path}: study {study_id}: 'regions' must map {list(REGIONS)} to strings")
+    return records
 
 
 def summarize(records: list[dict], references: dict[str, dict] | None = None, *, top: int = 5,
@@ -124,8 +134,6 @@ def summarize(records: list[dict], references: dict[str, dict] | None = None, *,
 
     `references` maps study id → gold regions; studies without a reference are left out of its column.
     """
-    import pandas as pd
-
     n = len(records)
     failures = pd.DataFrame([{"id": r["id"], "text": r["text"]} for r in records if not r["parsed"]],
                             columns=["id", "text"])

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+import openai
+import torch
+
 from .data import ALL_REGIONS
-from .env import get_secret
-from .rules import RULES_VERSION, sentences, split_rules
-from .storage import JsonlStore, sha256
+from .lm import greedy_generate, load_causal_lm
+from .region_checks import extract_json_object, schema_problems, validate_split
+from .rules import RULES_VERSION, split_rules
+from .settings import get_secret
+from .storage import JsonlStore, run_batches, sha256
 
 PROMPT_VERSION = "regions-v1"  # bump on any change of the prompt or few-shot examples: it invalidates the cache
 DEFAULT_OPENAI_MODEL = "gpt-4o-2024-08-06"
@@ -83,71 +87,6 @@ def _feedback(problems: list[str]) -> dict:
             + "\nAnswer again for the same report with the corrected JSON object only."}
 
 
-# ---------------------------------------------------------------- validation
-
-_STOPWORDS = set("""a an the and or of in on at to with without is are was were be been being there this that these
-those for from by as it its which has have had may might can also again both either any some than then into over
-upon per seen noted identified present appear appears demonstrated visualized""".split())
-# Words the provided splits' rewrite conventions add (e.g. "Cardiac contours are within normal limits.").
-_CONVENTION_WORDS = {"cardiac", "mediastinal", "contour", "within", "normal", "limit", "heart", "mediastinum"}
-# ... and the report words they replace or drop ("Frontal and lateral views of the chest show a normal
-# cardiomediastinal silhouette").
-_REWRITTEN_WORDS = {"cardiomediastinal", "cardio", "silhouette", "size", "contour", "configuration", "appearance",
-                    "unremarkable", "frontal", "lateral", "view", "chest", "show"}
-GROUNDED_FRACTION = 0.75  # share of an output sentence's content words that must occur in the report
-COVERED_FRACTION = 0.5  # share of a report sentence's content words that must occur in the output
-
-
-def content_words(text: str) -> set[str]:
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return {w[:-1] if len(w) > 3 and w.endswith("s") else w
-            for w in words if w not in _STOPWORDS and w != "xxxx" and (len(w) > 2 or w.isdigit())}
-
-
-def schema_problems(obj) -> list[str]:
-    if not isinstance(obj, dict):
-        return [f"output is not a JSON object (got {type(obj).__name__})"]
-    problems = [f"missing key '{k}'" for k in ALL_REGIONS if k not in obj]
-    problems += [f"unexpected key '{k}'" for k in obj if k not in ALL_REGIONS]
-    problems += [f"'{k}' is not a string" for k in ALL_REGIONS if k in obj and not isinstance(obj[k], str)]
-    return problems
-
-
-def validate_split(text: str, regions) -> list[str]:
-    """Violations of one split: the five keys; every output sentence grounded in the report; every report
-    sentence's content covered by some region. An empty list means valid."""
-    problems = schema_problems(regions)
-    if problems:
-        return problems
-    source = content_words(text)
-    output = set()
-    for region in ALL_REGIONS:
-        for sentence in sentences(regions[region]):
-            words = content_words(sentence)
-            output |= words
-            words -= _CONVENTION_WORDS
-            if words and len(words & source) / len(words) < GROUNDED_FRACTION:
-                problems.append(f"{region}: not grounded in the report: {sentence!r}")
-    for sentence in sentences(text):
-        words = content_words(sentence) - _REWRITTEN_WORDS
-        if words and len(words & output) / len(words) < COVERED_FRACTION:
-            problems.append(f"not covered by any region: {sentence!r}")
-    return problems
-
-
-def extract_json_object(text: str):
-    """The first JSON object in a model's answer (tolerates prose or code fences around it); None if none."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text or ""):
-        try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
-
-
 def _check(text: str, answer: str | None) -> tuple[dict | None, list[str]]:
     """(regions or None, problems) of a model's raw answer; regions is None when the output is unusable."""
     obj = extract_json_object(answer)
@@ -196,8 +135,6 @@ def _rules_splitter(batch_size: int = 64) -> Splitter:
 
 def _openai_splitter(model: str = DEFAULT_OPENAI_MODEL, client=None, max_retries: int = 8, timeout: float = 60,
                      batch_size: int = 8) -> Splitter:
-    import openai
-
     if client is None:
         api_key = get_secret("OPENAI_API_KEY")
         if not api_key:
@@ -237,38 +174,22 @@ _HF_LOADED: dict = {}  # (model id, 4-bit) -> (model, tokenizer): split_regions(
 
 
 def load_hf(model_id: str = DEFAULT_HF_MODEL, load_in_4bit: bool | None = None, token: str | None = None):
-    """An instruct causal LM and its tokenizer (left padding); 4-bit on a GPU unless load_in_4bit=False."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .modeling import load_weights
-
+    """An instruct causal LM and its left-padded tokenizer; 4-bit on a GPU unless load_in_4bit=False."""
     load_in_4bit = torch.cuda.is_available() if load_in_4bit is None else load_in_4bit
-    if (model_id, load_in_4bit) in _HF_LOADED:
-        return _HF_LOADED[model_id, load_in_4bit]
-    token = token or get_secret("HF_TOKEN")
-    model = load_weights(AutoModelForCausalLM, model_id, load_in_4bit=load_in_4bit, token=token).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_id, token=token)
-    tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    _HF_LOADED[model_id, load_in_4bit] = model, tokenizer
-    return model, tokenizer
+    if (model_id, load_in_4bit) not in _HF_LOADED:
+        _HF_LOADED[model_id, load_in_4bit] = load_causal_lm(model_id, load_in_4bit=load_in_4bit,
+                                                            token=token or get_secret("HF_TOKEN"))
+    return _HF_LOADED[model_id, load_in_4bit]
 
 
 def _hf_splitter(model: str = DEFAULT_HF_MODEL, batch_size: int = 8, max_new_tokens: int = 400,
                  load_in_4bit: bool | None = None) -> Splitter:
-    import torch
-
     lm, tokenizer = load_hf(model, load_in_4bit)
 
     def generate(conversations):
         prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-        with torch.inference_mode():
-            out = lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        sequences, prompt_length = greedy_generate(lm, tokenizer, prompts, max_new_tokens, add_special_tokens=False)
+        return tokenizer.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
 
     def split_batch(texts):
         conversations = [prompt_messages(t) for t in texts]
@@ -325,38 +246,34 @@ def cache_key(splitter: Splitter, text: str) -> str:
 def split_many(reports: dict[str, str], backend: str = "rules", cache_path=None, progress: bool = True,
                **options) -> SplitRun:
     """Split many reports ({id: text}); results are appended to the JSONL cache one batch at a time, so a
-    rerun skips what is cached and a killed run resumes with nothing lost or duplicated."""
-    from tqdm.auto import tqdm
-
+    rerun skips what is cached and a killed run resumes with nothing lost or duplicated. Identical texts are
+    split once; failures are not cached (a rerun retries them)."""
     splitter = make_splitter(backend, **options)
-    store = JsonlStore(cache_path, key_field="key") if cache_path else None
-    done = store.records if store is not None else {}
+    store = JsonlStore(cache_path, key_field="key")
     keys = {i: cache_key(splitter, t) for i, t in reports.items()}
-    todo = list({keys[i]: i for i in reports if keys[i] not in done}.values())  # one call per distinct text
-    run = SplitRun({}, {}, n_cached=sum(keys[i] in done for i in reports))
-    failed_keys = {}
-    with tqdm(total=len(set(keys.values())), initial=len(set(keys.values())) - len(todo), disable=not progress,
-              desc=f"split ({backend})") as bar:
-        for start in range(0, len(todo), splitter.batch_size):
-            chunk = todo[start:start + splitter.batch_size]
-            records = []
-            for i, result in zip(chunk, splitter.split_batch([reports[i] for i in chunk])):
-                if result["regions"] is None:
-                    failed_keys[keys[i]] = result["error"]
-                    continue
-                records.append({"key": keys[i], "backend": splitter.backend, "model": splitter.model,
+    texts = {keys[i]: reports[i] for i in reports}
+    failed = {}
+
+    def split_batch(batch_keys):
+        records = []
+        for key, result in zip(batch_keys, splitter.split_batch([texts[k] for k in batch_keys])):
+            if result["regions"] is None:
+                failed[key] = result["error"]
+            else:
+                records.append({"key": key, "backend": splitter.backend, "model": splitter.model,
                                 "prompt_version": PROMPT_VERSION, "regions": result["regions"],
                                 "violations": result["violations"]})
-            if store is not None:
-                store.append(records)
-            else:
-                done.update((r["key"], r) for r in records)
-            bar.update(len(chunk))
+        return records
+
+    run = SplitRun({}, {}, n_cached=sum(keys[i] in store for i in reports))
+    run_batches(store, list(texts), lambda key: key, split_batch, batch_size=splitter.batch_size,
+                desc=f"split ({backend})", unit="report", progress=progress)
     for i in reports:
-        if keys[i] in failed_keys:
-            run.failures[i] = failed_keys[keys[i]]
+        if keys[i] in failed:
+            run.failures[i] = failed[keys[i]]
         else:
-            run.regions[i], run.violations[i] = done[keys[i]]["regions"], done[keys[i]]["violations"]
+            record = store.get(keys[i])
+            run.regions[i], run.violations[i] = record["regions"], record["violations"]
     run.n_new = len(run.regions) - run.n_cached
     return run
 
@@ -367,34 +284,4 @@ def annotation_with_regions(annotation: dict, regions: dict[str, dict], split: s
     for entry in out[split]:
         if entry["id"] in regions:
             entry["report"] = {k: regions[entry["id"]][k] for k in ALL_REGIONS}
-    return out
-
-
-# ---------------------------------------------------------------- comparison
-
-def rouge_l(a: str, b: str) -> float:
-    """ROUGE-L F1 on lower-cased word tokens (the definition the Task-1 scorer uses)."""
-    x, y = re.findall(r"\w+", a.lower()), re.findall(r"\w+", b.lower())
-    if not x or not y:
-        return 0.0
-    prev = [0] * (len(y) + 1)
-    for xi in x:
-        cur = [0]
-        for j, yj in enumerate(y):
-            cur.append(prev[j] + 1 if xi == yj else max(prev[j + 1], cur[j]))
-        prev = cur
-    return 0.0 if not prev[-1] else 2 * prev[-1] / (len(x) + len(y))
-
-
-def agreement(reference: dict[str, dict], other: dict[str, dict], regions=ALL_REGIONS) -> dict[str, dict]:
-    """Per region over the shared ids: presence agreement (both empty or both not) and mean ROUGE-L
-    (1 when both are empty, 0 when only one is)."""
-    ids = sorted(set(reference) & set(other))
-    out = {}
-    for k in regions:
-        pairs = [(reference[i][k].strip(), other[i][k].strip()) for i in ids]
-        out[k] = {"presence": sum(bool(a) == bool(b) for a, b in pairs) / max(len(ids), 1),
-                  "rouge_l": sum(1.0 if not a and not b else rouge_l(a, b) if a and b else 0.0
-                                 for a, b in pairs) / max(len(ids), 1),
-                  "n": len(ids)}
     return out

@@ -12,19 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+import papermill
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def declared_parameters(name: str) -> set[str]:
-    import papermill
-
     return set(papermill.inspect_notebook(str(NOTEBOOKS_DIR / name)))
 
 
 def run_notebook(name: str, artifacts_dir: str | Path, profile: str = "demo", **parameters) -> Path:
     """Run one notebook with working directory notebooks/; the executed copy goes to `artifacts_dir/executed/`."""
-    import papermill
-
     artifacts_dir = Path(artifacts_dir).resolve()
     executed = artifacts_dir / "executed" / name
     executed.parent.mkdir(parents=True, exist_ok=True)

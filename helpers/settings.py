@@ -1,13 +1,17 @@
-"""The one settings step: which GPU this is, which profile that means, and every setting the notebooks take from it.
+"""The one settings step: which GPU this is, which profile that means, and every setting the notebooks take from it;
+also the machine's secrets (never printed or stored) and its GPU memory figures.
 
 Every notebook calls `helpers.setup(PROFILE, DATA_DIR, ARTIFACTS_DIR)` once; a notebook parameter left as None means
 "from these settings", and is resolved here only.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 DRIVE_ROOT = Path("/content/drive/MyDrive/xray-rrg")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,8 +57,6 @@ def precision_for(compute_capability: tuple[int, int] | None) -> str:
 
 def gpu() -> tuple[str | None, float | None, tuple[int, int] | None]:
     """(name, memory in GiB, compute capability) of GPU 0, or Nones without one."""
-    import torch
-
     if not torch.cuda.is_available():
         return None, None, None
     props = torch.cuda.get_device_properties(0)
@@ -132,11 +134,27 @@ def in_colab() -> bool:
 
 
 def torch_dtype(precision: str):
-    import torch
-
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 def default_dtype():
     """The dtype of 16-bit models on this machine: `precision_for` its GPU (fp32 on the CPU)."""
     return torch_dtype(precision_for(gpu()[2]))
+
+
+def get_secret(name: str) -> str | None:
+    """A secret from Colab's secrets panel or the environment; never printed or stored by this project."""
+    if in_colab():
+        try:
+            from google.colab import userdata
+
+            value = userdata.get(name)
+            if value:
+                return value
+        except Exception:  # secret absent or notebook access not granted: fall back to the environment
+            pass
+    return os.environ.get(name) or None
+
+
+def peak_gpu_memory_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None

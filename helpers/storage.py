@@ -1,13 +1,16 @@
 """Files that survive a kill: atomic writes, and append-only JSONL keyed by a content hash."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
 
 
 def sha256(*parts: str) -> str:
@@ -45,12 +48,12 @@ class JsonlStore:
     line is dropped on the next open and later records with an existing key are ignored, so a rerun
     neither loses nor duplicates anything.
     """
-
-    def __init__(self, path: str | Path, key_field: str = "key"):
-        self.path, self.key_field = Path(path), key_field
+    def __init__(self, path: str | Path | None, key_field: str = "key"):
+        """`path` None: records are kept in memory only."""
+        self.path, self.key_field = (Path(path) if path is not None else None), key_field
         self.records: dict[str, dict] = {}
         self.torn_lines = 0
-        if self.path.exists():
+        if self.path is not None and self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     record = json.loads(line)
@@ -75,6 +78,9 @@ class JsonlStore:
         new = [r for r in records if r[self.key_field] not in self.records]
         if not new:
             return
+        if self.path is None:
+            self.records.update((r[self.key_field], r) for r in new)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
@@ -84,24 +90,23 @@ class JsonlStore:
             self.records[r[self.key_field]] = r
 
 
-def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, desc: str, unit: str = "item") -> dict:
+def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, desc: str, unit: str = "item",
+                progress: bool = True) -> dict:
     """Run `work(batch) -> records` on the items whose `key(item)` is not in `store` yet, appending each batch's
     records as soon as it is done, so a kill loses at most the batch in flight and a rerun skips what is done.
 
     On CUDA out-of-memory the batch size halves and the same batch is tried again (down to 1): long GPU steps find
     the batch size that fits instead of dying. Returns counts and the batch size that ran last.
     """
-    from tqdm.auto import tqdm
-
     todo = [item for item in items if key(item) not in store]
     start, position = time.time(), 0
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit=unit, desc=desc) as bar:
+    with tqdm(total=len(items), initial=len(items) - len(todo), unit=unit, desc=desc, disable=not progress) as bar:
         while position < len(todo):
             batch = todo[position:position + batch_size]
             try:
                 records = work(batch)
             except Exception as error:
-                if batch_size == 1 or not _out_of_memory(error):
+                if batch_size == 1 or not isinstance(error, torch.OutOfMemoryError):
                     raise
                 records = None
             if records is None:  # retried here, after the except block released the failed batch's tensors
@@ -116,16 +121,7 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
             "seconds": round(time.time() - start, 2), "batch_size": batch_size}
 
 
-def _out_of_memory(error: BaseException) -> bool:
-    torch = sys.modules.get("torch")  # no torch imported: nothing can have run out of GPU memory
-    return torch is not None and isinstance(error, torch.OutOfMemoryError)
-
-
 def _free_gpu_memory() -> None:
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -1,25 +1,32 @@
-"""Notebook 02: LoRA/QLoRA fine-tuning of LLaVA-NeXT with TRL, in stages, resumable, settings saved for notebook 03.
+"""Notebook 02: LoRA/QLoRA fine-tuning of LLaVA-NeXT with TRL, in stages, resumable; the run's settings are saved
+for notebooks 03 and 04 (layout: helpers/runs.py).
 
-A run lives in `ARTIFACTS_DIR/train/<run>/`: `config.json` (every setting notebook 03 needs), `checkpoints/<stage>/`
-(TRL checkpoints, then `final/` and `stage_done.json`), `adapter/` (PEFT adapter + processor) and `metrics.json`.
+The method in one place: `PRESETS` (what trains in each stage), `lora_config` (targets, rank), `sft_config` (learning
+rate, precision, batch, schedule, model selection) and `method_table` (all of it, read back from those objects).
 """
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .modeling import image_tokens_per_view
-from .reports import INSTRUCTION, format_report, user_message
-from .storage import atomic_write_json, sha256
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from .modeling import load_model_and_processor, training_chat_template
+from .reports import INSTRUCTION
+from .settings import get_secret, peak_gpu_memory_gb, torch_dtype
+from .storage import atomic_write_json
+from .train_data import build_dataset
 
 # PEFT full-matches these against module paths such as "model.language_model.layers.0.self_attn.q_proj".
 LLM_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_TARGETS = r"model\.vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj)"
 PROJECTOR = "multi_modal_projector"
-PARTS = ("vision_lora", "projector", "llm_lora")
 
 
 def _stage(name, epochs, lr, vision_lora, projector, llm_lora):
@@ -34,6 +41,7 @@ PRESETS = {
     "r2gengpt_shallow": [_stage("projector", None, 1e-4, False, True, False)],
     "r2gengpt_delta": [_stage("projector_vision_lora", None, 1e-4, True, True, False)],
 }
+
 
 def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
     if preset not in PRESETS:
@@ -70,70 +78,6 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
     return json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
 
 
-def load_run_config(run_dir) -> dict:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train this run with notebook 02 first (or check RUN_NAME)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def holdout_split(studies, fraction: float = 0.05, min_count: int = 2):
-    """(train, holdout) from the train split only; a study's side depends on its id alone, so reruns agree."""
-    wrong = [s.id for s in studies if s.split != "train"]
-    if wrong:
-        raise ValueError(f"model selection uses a slice of the train split only; got non-train studies {wrong[:5]}")
-    ranked = sorted(studies, key=lambda s: sha256("holdout", s.id))
-    held = {s.id for s in ranked[:max(min_count, round(len(studies) * fraction))]}
-    return [s for s in studies if s.id not in held], [s for s in studies if s.id in held]
-
-
-def conversation(study, max_views: int) -> list[dict]:
-    """The training conversation: the shared user turn, then the four-region target."""
-    target = format_report(study.regions)
-    return [user_message(len(study.image_paths[:max_views])),
-            {"role": "assistant", "content": [{"type": "text", "text": target}]}]
-
-
-def build_dataset(studies, max_views: int):
-    """`messages` + `images`; images stay paths until read, decoded to RGB by `datasets` (memory stays flat)."""
-    from datasets import Dataset, Image, List
-
-    rows = [{"messages": conversation(s, max_views), "images": [str(p) for p in s.image_paths[:max_views]]}
-            for s in studies]
-    return Dataset.from_list(rows).cast_column("images", List(Image(mode="RGB")))
-
-
-def token_counts(studies, processor, max_views: int) -> list[dict]:
-    """Per study: image tokens (from each view's size), text tokens and their total, as the trainer will see them.
-
-    Reads only image headers, so it is fast on the full data set. `processor` must carry the training template.
-    """
-    from PIL import Image
-
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    counts = []
-    for study in studies:
-        image_tokens = 0
-        for path in study.image_paths[:max_views]:
-            with Image.open(path) as image:
-                image_tokens += image_tokens_per_view(processor, *image.size)
-        messages = conversation(study, max_views)
-        text = processor.apply_chat_template(messages, tokenize=False)
-        ids = processor.tokenizer(text, add_special_tokens=False).input_ids
-        target = processor.tokenizer(messages[1]["content"][0]["text"], add_special_tokens=False).input_ids
-        text_tokens = sum(1 for i in ids if i != image_token)
-        counts.append({"id": study.id, "image_tokens": image_tokens, "text_tokens": text_tokens,
-                       "target_tokens": len(target) + 1, "total": image_tokens + text_tokens})  # +1: </s>
-    return counts
-
-
-def describe(values: list[int]) -> str:
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return (f"n={len(ordered)} min={ordered[0]} median={statistics.median(ordered):g} p95={p95} "
-            f"max={ordered[-1]}")
-
-
 def _part(name: str) -> str | None:
     """Which trainable part an adapter parameter belongs to (None: a base-model weight, always frozen)."""
     if "lora_" in name:
@@ -160,9 +104,7 @@ def set_trainable(model, stage: dict) -> dict:
     return trainable_parameters(model)
 
 
-def lora_config(config: dict):
-    from peft import LoraConfig
-
+def lora_config(config: dict) -> LoraConfig:
     stages = config["stages"]
     targets = [LLM_TARGETS] if any(s["llm_lora"] for s in stages) else []
     targets += [VISION_TARGETS] if any(s["vision_lora"] for s in stages) else []
@@ -176,12 +118,6 @@ def lora_config(config: dict):
 def load_training_model(config: dict):
     """Base model (4-bit or not) + one PEFT adapter holding every part any stage trains; processor with the
     training chat template."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from .env import get_secret
-    from .modeling import load_model_and_processor, training_chat_template
-    from .settings import torch_dtype
-
     model, processor = load_model_and_processor(config["model_id"], visual_tokens=config["visual_tokens"],
                                                 load_in_4bit=config["load_in_4bit"],
                                                 dtype=torch_dtype(config["precision"]), token=get_secret("HF_TOKEN"))
@@ -192,12 +128,9 @@ def load_training_model(config: dict):
     return get_peft_model(model, lora_config(config)), processor
 
 
-def make_trainer(model, processor, config: dict, stage: dict, output_dir, train_dataset, eval_dataset, callbacks=()):
-    """A new SFTTrainer for one stage; TRL collates (images, chat template, assistant-only labels)."""
-    import torch
-    from trl import SFTConfig, SFTTrainer
-
-    args = SFTConfig(
+def sft_config(config: dict, stage: dict, output_dir) -> SFTConfig:
+    """TRL's settings for one stage: its epochs and learning rate, the run's precision, batch and model selection."""
+    return SFTConfig(
         output_dir=str(output_dir), num_train_epochs=stage["epochs"], learning_rate=stage["lr"],
         lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
         per_device_train_batch_size=config["batch_size"], per_device_eval_batch_size=config["batch_size"],
@@ -208,10 +141,31 @@ def make_trainer(model, processor, config: dict, stage: dict, output_dir, train_
         eval_strategy="steps", eval_steps=config["save_steps"], save_strategy="steps", save_steps=config["save_steps"],
         save_total_limit=config["save_total_limit"], load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, logging_steps=config["logging_steps"], report_to="none", seed=config["seed"],
-        dataloader_num_workers=0, disable_tqdm=False)
+        dataloader_num_workers=0)
+
+
+def method_table(config: dict, run) -> list[dict]:
+    """Per stage, what trains and how, read back from the LoraConfig and SFTConfig objects training will use."""
+    lora = lora_config(config)
+    rows = []
+    for stage, stage_dir in zip(config["stages"], _stage_dirs(run, config)):
+        args = sft_config(config, stage, stage_dir)
+        rows.append({"stage": stage["name"], "epochs": args.num_train_epochs, "learning rate": args.learning_rate,
+                     "schedule": str(args.lr_scheduler_type.value), "precision": config["precision"],
+                     "4-bit base": config["load_in_4bit"], "batch x accumulation":
+                     f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}",
+                     "trains": ", ".join(part for part in ("llm_lora", "vision_lora", "projector") if stage[part]),
+                     "LoRA r / alpha / dropout": f"{lora.r} / {lora.lora_alpha} / {lora.lora_dropout}",
+                     "loss": "report tokens only" if args.assistant_only_loss else "all tokens",
+                     "selection": f"best {args.metric_for_best_model}, every {args.eval_steps} steps"})
+    return rows
+
+
+def make_trainer(model, processor, config: dict, stage: dict, output_dir, train_dataset, eval_dataset, callbacks=()):
+    """A new SFTTrainer for one stage; TRL collates (images, chat template, assistant-only labels)."""
     with trainable_in_fp32(model):
-        return SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          processing_class=processor, callbacks=list(callbacks))
+        return SFTTrainer(model=model, args=sft_config(config, stage, output_dir), train_dataset=train_dataset,
+                          eval_dataset=eval_dataset, processing_class=processor, callbacks=list(callbacks))
 
 
 @contextmanager
@@ -230,47 +184,38 @@ def trainable_in_fp32(model):
             param.data = before.get(name, param.data).float()
 
 
-def _check_config(run_dir: Path, config: dict) -> None:
+def _check_config(run, config: dict) -> None:
     """Write config.json, or refuse to resume a run that was started with other settings."""
-    path = run_dir / "config.json"
-    if path.is_file():
-        old = load_run_config(run_dir)
+    if run.config_path.is_file():
+        old = run.config
         changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if changed:
-            raise ValueError(f"{path}: this run was started with other settings {changed}; choose a new RUN_NAME "
-                             f"or delete {run_dir} to start over")
+            raise ValueError(f"{run.config_path}: this run was started with other settings {changed}; choose a new "
+                             f"RUN_NAME or delete {run.train_dir} to start over")
     else:
-        atomic_write_json(path, config)
+        atomic_write_json(run.config_path, config)
 
 
-def _stage_dirs(run_dir: Path, config: dict) -> list[Path]:
-    return [run_dir / "checkpoints" / f"{i + 1}_{s['name']}" for i, s in enumerate(config["stages"])]
+def _stage_dirs(run, config: dict) -> list[Path]:
+    return [run.checkpoints_dir / f"{i + 1}_{s['name']}" for i, s in enumerate(config["stages"])]
 
 
-def train(run_dir, config: dict, train_studies, holdout_studies, callbacks=()) -> dict:
-    """Run (or resume) every stage; returns the metrics also written to metrics.json.
+def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> dict:
+    """Run (or resume) every stage of `run` (a `runs.Run`); returns the metrics also written to metrics.json.
 
     A finished stage is skipped; an unfinished one resumes from its last checkpoint (step count continues).
     """
-    import torch
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from .env import peak_gpu_memory_gb
-
-    run_dir = Path(run_dir)
     config = {**config, "holdout_ids": sorted(s.id for s in holdout_studies), "n_train": len(train_studies)}
-    _check_config(run_dir, config)
-    if (run_dir / "metrics.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file():
-        print(f"{run_dir.name}: already trained; delete {run_dir} to train again")
-        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    _check_config(run, config)
+    if run.metrics_path.is_file() and run.trained:
+        print(f"{run.name}: already trained; delete {run.train_dir} to train again")
+        return json.loads(run.metrics_path.read_text(encoding="utf-8"))
     model, processor = load_training_model(config)
-    processor.save_pretrained(run_dir / "adapter")  # now: TRL's collator leaves its truncation length in the tokenizer
+    processor.save_pretrained(run.adapter_dir)  # now: TRL's collator leaves its truncation length in the tokenizer
     train_dataset = build_dataset(train_studies, config["max_views"])
     holdout_dataset = build_dataset(holdout_studies, config["max_views"])
-    metrics = {"run": run_dir.name, "stages": []}
-    stage_dirs = _stage_dirs(run_dir, config)
+    metrics = {"run": run.name, "stages": []}
+    stage_dirs = _stage_dirs(run, config)
     for index, (stage, stage_dir) in enumerate(zip(config["stages"], stage_dirs)):
         done = stage_dir / "stage_done.json"
         if done.is_file():
@@ -307,27 +252,6 @@ def train(run_dir, config: dict, train_studies, holdout_studies, callbacks=()) -
         metrics["stages"].append(record)
     # the last stage's selected weights, also when every stage had finished before this call
     set_peft_model_state_dict(model, load_peft_weights(str(stage_dirs[-1] / "final")))
-    model.save_pretrained(run_dir / "adapter")
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    model.save_pretrained(run.adapter_dir)
+    atomic_write_json(run.metrics_path, metrics)
     return metrics
-
-
-def plot_metrics(metrics: dict):
-    """Training and held-out loss over the whole run (stages one after another)."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    offset = 0
-    for stage in metrics["stages"]:
-        for key, style in (("loss", "-"), ("eval_loss", "o--")):
-            points = stage[key]
-            if points:
-                ax.plot([offset + s for s, _ in points], [v for _, v in points], style,
-                        label=f"{stage['stage']} {stage['name']} {'held-out' if key == 'eval_loss' else 'train'}")
-        offset += stage["global_step"]
-        ax.axvline(offset, color="grey", lw=0.5)
-    ax.set_xlabel("optimizer step (whole run)")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig

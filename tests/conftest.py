@@ -23,31 +23,30 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_studies():
-    import helpers
+    from helpers import data
 
-    return helpers.load_studies(SAMPLE_DIR)
+    return data.load_studies(SAMPLE_DIR)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, sample_studies) -> Path:
     """The demo's tiny random LLaVA-NeXT, built once per session from the sample's report text."""
-    import helpers
-    from helpers.modeling import tokenizer_corpus
+    from helpers import demo_models
 
-    return helpers.build_tiny_llava(tmp_path_factory.mktemp("tiny") / "tiny-llava", tokenizer_corpus(sample_studies))
+    return demo_models.build_random_llava(tmp_path_factory.mktemp("tiny") / "tiny-llava",
+                                        demo_models.tokenizer_corpus(sample_studies))
 
 
 @pytest.fixture(scope="session")
 def load_tiny(tiny_model_dir):
     """load_tiny(visual_tokens): the tiny model and processor in that mode, loaded once per mode like a hub id."""
-    import helpers
+    from helpers import modeling
 
     loaded = {}
 
     def load(visual_tokens):
         if visual_tokens not in loaded:
-            loaded[visual_tokens] = helpers.modeling.load_model_and_processor(str(tiny_model_dir),
-                                                                              visual_tokens=visual_tokens)
+            loaded[visual_tokens] = modeling.load_model_and_processor(str(tiny_model_dir), visual_tokens=visual_tokens)
         return loaded[visual_tokens]
 
     return load

@@ -3,24 +3,22 @@ import numpy as np
 import pytest
 import torch
 
-import helpers
-from helpers import attention
-from helpers.data import REGIONS
+from helpers import attention, data, generation, modeling, plots
 
 MAX_VIEWS = 3
 
 
 @pytest.fixture(scope="module")
 def study(sample_studies):
-    return next(s for s in helpers.by_split(sample_studies, "val") if len(s.image_paths) >= 2)
+    return next(s for s in data.by_split(sample_studies, "val") if len(s.image_paths) >= 2)
 
 
 @pytest.mark.parametrize("mode", ["anyres", "tile"])
 def test_layout_matches_packed_image_features(load_tiny, study, mode):
     """The assumed layout, checked against what transformers' pack_image_features really produces."""
     model, processor = load_tiny(mode)
-    views = helpers.study_images(study, MAX_VIEWS)
-    inputs = helpers.modeling.generation_inputs(processor, [views])
+    views = data.study_images(study, MAX_VIEWS)
+    inputs = modeling.generation_inputs(processor, [views])
     with torch.no_grad():
         packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                                                 vision_feature_layer=model.config.vision_feature_layer,
@@ -45,8 +43,8 @@ def test_layout_matches_packed_image_features(load_tiny, study, mode):
 def test_base_layout_is_the_base_grid_alone(load_tiny, study):
     """visual tokens "base": each view's image features are its base tile's patches in row-major order, nothing else."""
     model, processor = load_tiny("base")
-    views = helpers.study_images(study, MAX_VIEWS)
-    inputs = helpers.modeling.generation_inputs(processor, [views])
+    views = data.study_images(study, MAX_VIEWS)
+    inputs = modeling.generation_inputs(processor, [views])
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         tower = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
@@ -89,12 +87,12 @@ def test_analyze_study_on_the_tiny_model(model_and_processor, study, tmp_path):
     result = attention.analyze_study(model, processor, study, max_views=MAX_VIEWS, max_new_tokens=16)
     assert model.config._attn_implementation == implementation  # eager only inside the analysis
     n_layers = model.config.text_config.num_hidden_layers
-    assert result["region_tokens"] == helpers.generation.region_token_indices(processor.tokenizer, result["ids"])
-    generated = helpers.generation.generate_batch(model, processor, [result["views"]], [study.id], max_new_tokens=16)
+    assert result["region_tokens"] == generation.region_token_indices(processor.tokenizer, result["ids"])
+    generated = generation.generate_batch(model, processor, [result["views"]], [study.id], max_new_tokens=16)
     assert generated[0]["text"] == result["text"]  # eager attention regenerates the stored prediction
     a, positions, layouts = result["attention"], result["positions"], result["layouts"]
     n = len(result["ids"])
-    prompt = helpers.modeling.generation_inputs(processor, [result["views"]])["input_ids"][0].numpy()
+    prompt = modeling.generation_inputs(processor, [result["views"]])["input_ids"][0].numpy()
     prompt_len = len(prompt)
     assert a.shape == (n, n_layers, prompt_len + n - 1)
     assert a.sum(-1) == pytest.approx(np.ones((n, n_layers)), abs=1e-4)  # each row is a softmax over its keys
@@ -115,14 +113,6 @@ def test_analyze_study_on_the_tiny_model(model_and_processor, study, tmp_path):
             assert heat.shape == (layout["side"], layout["side"])
             assert heat.min() >= 0 and heat.sum() == pytest.approx(1)
     analysis = {**result, "shares": shares, "heatmaps": maps}
-    attention.plot_shares(analysis, tmp_path)
-    attention.plot_heatmaps(analysis, tmp_path)
+    plots.plot_shares(analysis, tmp_path / f"{study.id}_visual_share.png")
+    plots.plot_heatmaps(analysis, tmp_path / f"{study.id}_heatmaps.png")
     assert {p.name for p in tmp_path.glob("*.png")} == {f"{study.id}_visual_share.png", f"{study.id}_heatmaps.png"}
-
-
-def test_plot_confidence(tmp_path):
-    records = [{"id": str(i), "confidence": {k: (0.1 * i if k != "bone" else None) for k in REGIONS}} for i in range(5)]
-    df = attention.confidence_frame(records)
-    assert len(df) == 20 and df["confidence"].isna().sum() == 5
-    attention.plot_confidence(records, tmp_path)
-    assert (tmp_path / "confidence.png").stat().st_size > 0

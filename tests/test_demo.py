@@ -4,11 +4,11 @@ import json
 import pandas as pd
 import pytest
 
-import helpers
+from helpers import modeling, reports, runs
 from helpers.run_notebooks import NOTEBOOKS_DIR, main
 
 
-@pytest.mark.parametrize("mode", helpers.modeling.VISUAL_TOKENS)
+@pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
 def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mode):
     names = sorted(p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
     assert names == ["01_region_prompting.ipynb", "02_sft_lora_qlora.ipynb", "03_generate.ipynb",
@@ -17,19 +17,20 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mod
 
     val_ids = {e["id"] for e in json.loads((sample_dir / "annotation.json").read_text())["val"]}
     assert set(json.loads((tmp_path / "regions" / "val_regions.json").read_text())) == val_ids
-    config = json.loads((tmp_path / "train" / "demo" / "config.json").read_text())
-    assert (tmp_path / "train" / "demo" / "adapter" / "adapter_config.json").is_file()
-    assert config["instruction"] == helpers.reports.INSTRUCTION and config["visual_tokens"] == mode
+    run = runs.Artifacts(tmp_path).find_run(with_predictions=True)
+    config = run.config
+    assert run.trained
+    assert config["instruction"] == reports.INSTRUCTION and config["visual_tokens"] == mode
     for split, n in (("val", 4), ("test", 4)):
-        lines = (tmp_path / "generate" / "demo" / f"predictions_{split}.jsonl").read_text().splitlines()
+        lines = run.predictions(split).read_text().splitlines()
         assert len(lines) == n
     # one visual-share plot per analysed study (heatmaps need region tokens, which a random model may not write)
-    attention_pngs = {p.name for p in (tmp_path / "generate" / "demo" / "attention").glob("*.png")}
+    attention_pngs = {p.name for p in run.attention_dir.glob("*.png")}
     assert "confidence.png" in attention_pngs and sum(n.endswith("_visual_share.png") for n in attention_pngs) == 3
-    table = pd.read_csv(tmp_path / "eval" / "demo" / "green_table.csv", index_col=0)
+    table = pd.read_csv(run.eval_dir / "green_table.csv", index_col=0)
     assert list(table.index) == ["Validation", "Testing"]
     assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean"]
-    assert (tmp_path / "eval" / "demo" / "green_table_ci.csv").is_file()
+    assert (run.eval_dir / "green_table_ci.csv").is_file()
 
 
 def test_unknown_parameter_is_refused():

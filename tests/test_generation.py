@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-import helpers
+from helpers import attention, data, modeling, reports
 from helpers.settings import resolve
-from helpers import generation
+from helpers import generation, runs
 from helpers.data import REGIONS
 
 MAX_VIEWS = 3
@@ -13,11 +13,11 @@ MAX_VIEWS = 3
 
 @pytest.fixture(scope="module")
 def val_studies(sample_studies):
-    return helpers.by_split(sample_studies, "val")
+    return data.by_split(sample_studies, "val")
 
 
 def _views(studies):
-    return [helpers.study_images(s, MAX_VIEWS) for s in studies]
+    return [data.study_images(s, MAX_VIEWS) for s in studies]
 
 
 def _generate(model_and_processor, studies, **kwargs):
@@ -30,7 +30,7 @@ def test_batched_left_padding_equals_one_at_a_time(model_and_processor, val_stud
     model, processor = model_and_processor
     counts = [len(s.image_paths) for s in val_studies]
     assert len(set(counts)) > 1, "the sample's val studies should mix view counts"
-    inputs = helpers.modeling.generation_inputs(processor, _views(val_studies))
+    inputs = modeling.generation_inputs(processor, _views(val_studies))
     mask = inputs["attention_mask"]
     assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()  # padding on the left only
     batched = _generate(model_and_processor, val_studies)
@@ -64,7 +64,7 @@ def test_schema(model_and_processor, val_studies):
 
 def test_resume_after_interrupt(model_and_processor, sample_studies, tmp_path, monkeypatch):
     model, processor = model_and_processor
-    studies = helpers.by_split(sample_studies, "test")
+    studies = data.by_split(sample_studies, "test")
     kwargs = dict(max_views=MAX_VIEWS, batch_size=1, max_new_tokens=8)
     reference = generation.generate_split(model, processor, studies, tmp_path / "clean.jsonl", **kwargs)
     assert reference["generated_now"] == len(studies)
@@ -89,7 +89,7 @@ def test_resume_after_interrupt(model_and_processor, sample_studies, tmp_path, m
     assert (stats["already_done"], stats["generated_now"]) == (2, len(studies) - 2)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == sorted(s.id for s in studies)  # complete, no duplicates
-    clean = {r["id"]: r for r in generation.load_predictions(tmp_path / "clean.jsonl")}
+    clean = generation.load_predictions(tmp_path / "clean.jsonl")
     assert all(r == clean[r["id"]] for r in lines)
     assert generation.generate_split(model, processor, studies, path, **kwargs)["generated_now"] == 0
 
@@ -100,7 +100,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(model_and_processor, s
     import torch
 
     model, processor = model_and_processor
-    studies = helpers.by_split(sample_studies, "test") + helpers.by_split(sample_studies, "val")
+    studies = data.by_split(sample_studies, "test") + data.by_split(sample_studies, "val")
     kwargs = dict(max_views=MAX_VIEWS, max_new_tokens=8)
     clean = generation.generate_split(model, processor, studies, tmp_path / "clean.jsonl", batch_size=2, **kwargs)
     real, sizes = generation.generate_batch, []
@@ -116,9 +116,9 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(model_and_processor, s
     assert sizes[:3] == [8, 4, 2] and set(sizes[2:]) == {2} and stats["batch_size"] == 2
     assert stats["generated_now"] == clean["generated_now"] == len(studies)
     ours = generation.load_predictions(tmp_path / "oom.jsonl")
-    assert sorted(r["id"] for r in ours) == sorted(s.id for s in studies)  # each study once
-    assert {r["id"]: r["text"] for r in ours} == {r["id"]: r["text"] for r in
-                                                 generation.load_predictions(tmp_path / "clean.jsonl")}
+    assert len((tmp_path / "oom.jsonl").read_text().splitlines()) == len(ours) == len(studies)  # each study once
+    clean = generation.load_predictions(tmp_path / "clean.jsonl")
+    assert {i: r["text"] for i, r in ours.items()} == {i: r["text"] for i, r in clean.items()}
 
     def never_fits(*args, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory")
@@ -141,12 +141,12 @@ def test_region_token_indices_match_parsed_sections(model_and_processor, sample_
     messy = ("**Lungs:** clear, no effusion.\n- Heart: normal size\n  and shape.\nMediastinum: None\n"
              "Bone: intact. <|im_end|> xx")
     inline = "Lung: clear. Heart: normal.\nImpression: nothing acute.\nBone: intact."  # one-line answer, other header
-    texts = [helpers.format_report(s.regions) for s in sample_studies if s.regions] + [inline, messy]
+    texts = [reports.format_report(s.regions) for s in sample_studies if s.regions] + [inline, messy]
     for text in texts:
         ids = _line_aligned_ids(tokenizer, text)
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
-        regions, parsed = helpers.parse_report(decoded)
-        assert parsed and regions == helpers.parse_report(text)[0]
+        regions, parsed = reports.parse_report(decoded)
+        assert parsed and regions == reports.parse_report(text)[0]
         indices = generation.region_token_indices(tokenizer, ids)
         for region in REGIONS:
             span_text = tokenizer.decode([ids[i] for i in indices[region]], skip_special_tokens=True)
@@ -159,7 +159,7 @@ def test_region_token_indices_match_parsed_sections(model_and_processor, sample_
 def test_region_token_indices_with_tokens_across_lines(model_and_processor, sample_studies):
     tokenizer = model_and_processor[1].tokenizer
     for study in sample_studies[:8]:
-        text = helpers.format_report(study.regions)
+        text = reports.format_report(study.regions)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         indices = generation.region_token_indices(tokenizer, ids)
         flat = [i for idx in indices.values() for i in idx]
@@ -197,22 +197,22 @@ def demo_artifacts(tiny_model_dir, tmp_path_factory):
     from helpers.storage import atomic_write_json
 
     artifacts = tmp_path_factory.mktemp("artifacts")
-    run_dir = artifacts / "train" / "demo"
+    run = runs.Artifacts(artifacts).run("demo")
     config = training.make_config(resolve("demo"), model_id=str(tiny_model_dir), max_length=512, max_views=MAX_VIEWS)
     model, processor = training.load_training_model(config)
-    model.save_pretrained(run_dir / "adapter")
-    processor.save_pretrained(run_dir / "adapter")
-    atomic_write_json(run_dir / "config.json", config)
+    model.save_pretrained(run.adapter_dir)
+    processor.save_pretrained(run.adapter_dir)
+    atomic_write_json(run.config_path, config)
     return artifacts
 
 
 def test_4bit_adapter_generation_and_attention(demo_artifacts, val_studies):
     """What a T4 user runs: the trained adapter on a 4-bit base model (bitsandbytes runs on the CPU here)."""
-    model, processor, _ = helpers.modeling.load_for_inference(demo_artifacts / "train" / "demo", load_in_4bit=True)
+    model, processor, _ = modeling.load_for_inference(runs.Artifacts(demo_artifacts).run("demo"), load_in_4bit=True)
     assert any("4bit" in type(m).__name__ for m in model.modules())
     records = _generate((model, processor), val_studies[:2], max_new_tokens=6)
     assert [r["id"] for r in records] == [s.id for s in val_studies[:2]] and all(r["n_tokens"] for r in records)
-    analysis = helpers.attention.analyze_study(model, processor, val_studies[0], max_views=MAX_VIEWS, max_new_tokens=6)
+    analysis = attention.analyze_study(model, processor, val_studies[0], max_views=MAX_VIEWS, max_new_tokens=6)
     assert analysis["attention"].shape[1] == model.config.text_config.num_hidden_layers
 
 
@@ -221,7 +221,7 @@ def test_notebook_03_demo(demo_artifacts):
     from helpers.run_notebooks import run_notebook
 
     run_notebook("03_generate.ipynb", demo_artifacts, MAX_NEW_TOKENS=16, ATTENTION_STUDIES=2)
-    out = demo_artifacts / "generate" / "demo"
+    out = runs.Artifacts(demo_artifacts).run("demo").generate_dir
     for split in ("val", "test"):
         lines = (out / f"predictions_{split}.jsonl").read_text().splitlines()
         assert len(lines) == 4 and all(set(json.loads(line)) >= {"id", "confidence"} for line in lines)

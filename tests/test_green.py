@@ -4,10 +4,9 @@ import math
 
 import pytest
 
-import helpers
-from helpers import baselines, green
+from helpers import baselines, data, demo_models, generation, green, judge, modeling, reports, runs
 from helpers.data import REGIONS, Study
-from helpers.modeling import tokenizer_corpus
+from helpers.demo_models import tokenizer_corpus
 from helpers.storage import JsonlStore
 
 HAND_JUDGE = "hand-written-judge"  # not a model: every pair is in the cache, so loading it would fail the test
@@ -16,7 +15,7 @@ HAND_JUDGE = "hand-written-judge"  # not a model: every pair is in the cache, so
 def answer(matched: int, errors: dict | None = None) -> str:
     """A judge response in GREEN's output format (as its prompt asks for it)."""
     errors = errors or {}
-    names = [s.split(" ", 1)[1] for s in green.green_scorer().sub_categories]
+    names = [s.split(" ", 1)[1] for s in judge.green_scorer().sub_categories]
     significant = "\n".join(f"({c}) {name}: {errors.get(c, 0)}." for c, name in zip("abcdef", names))
     insignificant = "\n".join(f"({c}) {name}: 0." for c, name in zip("abcdef", names))
     return (f"[Explanation]:\nHand-written.\n\n[Clinically Significant Errors]:\n{significant}\n\n"
@@ -24,7 +23,7 @@ def answer(matched: int, errors: dict | None = None) -> str:
 
 
 def seed_cache(path, judge_id, responses: dict):
-    JsonlStore(path).append([{"key": green.judge_key(judge_id, ref, cand), "judge": judge_id, "reference": ref,
+    JsonlStore(path).append([{"key": judge.judge_key(judge_id, ref, cand), "judge": judge_id, "reference": ref,
                               "candidate": cand, "response": text, "truncated": False}
                              for (ref, cand), text in responses.items()])
 
@@ -35,27 +34,27 @@ def study(i, split, **regions):
 
 
 def test_score_response_uses_green_parser():
-    assert green.score_response(answer(2, {"b": 1})) == {
+    assert judge.score_response(answer(2, {"b": 1})) == {
         "green": 2 / 3, "parsed": True, "errors": {"a": 0, "b": 1, "c": 0, "d": 0, "e": 0, "f": 0}, "matched": 2}
-    assert green.score_response(answer(0))["green"] == 0  # GREEN: no matched finding -> 0, even with no error
+    assert judge.score_response(answer(0))["green"] == 0  # GREEN: no matched finding -> 0, even with no error
     garbage = "lorem ipsum [Matched Findings]"
-    assert green.green_scorer().compute_green(garbage) == 0  # what GREEN itself would average
-    assert green.score_response(garbage)["parsed"] is False and green.score_response(garbage)["green"] is None
+    assert judge.green_scorer().compute_green(garbage) == 0  # what GREEN itself would average
+    assert judge.score_response(garbage)["parsed"] is False and judge.score_response(garbage)["green"] is None
 
 
 def test_argument_order_reference_first(tmp_path):
     reference, candidate = "Small left pleural effusion.", ""
-    prompt = green.judge_messages(reference, candidate)[0]["value"]
+    prompt = judge.judge_messages(reference, candidate)[0]["value"]
     assert prompt.index("2. Reference Report:") < prompt.index(reference) < prompt.index("3. Candidate Report:")
-    swapped = green.judge_messages(candidate, reference)[0]["value"]
+    swapped = judge.judge_messages(candidate, reference)[0]["value"]
     assert swapped.index("3. Candidate Report:") < swapped.index(reference)
     # the cache holds the judge's answer for (reference, candidate) only: a swapped call would miss it and try to
     # load the (nonexistent) judge model
     seed_cache(tmp_path / "cache.jsonl", HAND_JUDGE, {(reference, candidate): answer(0, {"b": 1}),
                                                          ("", ""): answer(0)})
-    judge = green.Judge(HAND_JUDGE, tmp_path / "cache.jsonl")
+    hand_judge = judge.Judge(HAND_JUDGE, tmp_path / "cache.jsonl")
     frame = green.evaluate({"model": {"test": {"s0": {"regions": {**{r: "" for r in REGIONS}, "lung": candidate}}}}},
-                           {"test": [study(0, "test", lung=reference)]}, judge)
+                           {"test": [study(0, "test", lung=reference)]}, hand_judge)
     lung = frame[frame.region == "lung"].iloc[0]
     assert (lung.error_b, lung.error_a, lung.green) == (1, 0, 0)  # a missing finding, not a false one
 
@@ -77,7 +76,7 @@ def test_protocol_arithmetic(tmp_path):
                  ("Normal.", "Normal."): answer(3, {"a": 1}),  # 3 / 4
                  ("Wide.", "Wide."): answer(1)}
     seed_cache(tmp_path / "cache.jsonl", HAND_JUDGE, responses)
-    frame = green.evaluate({"model": preds}, refs, green.Judge(HAND_JUDGE, tmp_path / "cache.jsonl"))
+    frame = green.evaluate({"model": preds}, refs, judge.Judge(HAND_JUDGE, tmp_path / "cache.jsonl"))
     assert len(frame) == 4 * 4
     stats = green.region_stats(frame).set_index(["split", "region"])
     lung, heart, bone = stats.loc[("val", "lung")], stats.loc[("val", "heart")], stats.loc[("val", "bone")]
@@ -103,7 +102,7 @@ def test_protocol_arithmetic(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory, sample_studies):
-    return green.build_tiny_judge(tmp_path_factory.mktemp("judge") / "tiny-green-judge",
+    return demo_models.build_random_judge(tmp_path_factory.mktemp("judge") / "tiny-green-judge",
                                   tokenizer_corpus(sample_studies))
 
 
@@ -111,7 +110,7 @@ def test_cache_resume_and_dedupe(tmp_path, tiny_judge, monkeypatch, capsys):
     pairs = [("Lung: clear.", "Lung: effusion."), ("", ""), ("Heart normal.", "Heart big."), ("", ""),
              ("Lung: clear.", "Lung: effusion.")]
     cache = tmp_path / "cache.jsonl"
-    real, calls = green.generate_responses, []
+    real, calls = judge.generate_responses, []
 
     def killed_after_one_batch(*args, **kwargs):
         calls.append(1)
@@ -119,19 +118,19 @@ def test_cache_resume_and_dedupe(tmp_path, tiny_judge, monkeypatch, capsys):
             raise KeyboardInterrupt  # a kill mid-run
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(green, "generate_responses", killed_after_one_batch)
+    monkeypatch.setattr(judge, "generate_responses", killed_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
-        green.Judge(str(tiny_judge), cache, batch_size=1, max_new_tokens=4).judge(pairs)
+        judge.Judge(str(tiny_judge), cache, batch_size=1, max_new_tokens=4).judge(pairs)
     assert "5 pairs, 3 unique (dedupe saves 2 judge calls), 0 cached, 3 to judge" in capsys.readouterr().out
     assert len(cache.read_text().splitlines()) == 1
-    monkeypatch.setattr(green, "generate_responses", real)
-    records = green.Judge(str(tiny_judge), cache, batch_size=1, max_new_tokens=4).judge(pairs)
+    monkeypatch.setattr(judge, "generate_responses", real)
+    records = judge.Judge(str(tiny_judge), cache, batch_size=1, max_new_tokens=4).judge(pairs)
     assert "1 cached, 2 to judge" in capsys.readouterr().out
     lines = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(lines) == 3 and len({r["key"] for r in lines}) == 3  # nothing lost, nothing duplicated
     assert [(r["reference"], r["candidate"]) for r in records] == pairs
     assert records[0] is records[4] and all(r["n_new_tokens"] <= 4 for r in records)
-    fresh = green.Judge(str(tiny_judge), tmp_path / "fresh.jsonl", batch_size=3, max_new_tokens=4).judge(pairs)
+    fresh = judge.Judge(str(tiny_judge), tmp_path / "fresh.jsonl", batch_size=3, max_new_tokens=4).judge(pairs)
     assert [r["response"] for r in fresh] == [r["response"] for r in records]  # resumed == uninterrupted
 
 
@@ -142,10 +141,10 @@ def test_faithful_to_shipped_green(tmp_path, sample_studies):
 
     # a small vocabulary and long reports make GREEN's prompt ~1,930 tokens, so its fixed 2,048-token budget leaves
     # ~120 tokens to generate (CPU fp16, as GREEN loads its judge, is slow)
-    judge_dir = green.build_tiny_judge(tmp_path / "judge", tokenizer_corpus(sample_studies), vocab_size=340)
+    judge_dir = demo_models.build_random_judge(tmp_path / "judge", tokenizer_corpus(sample_studies), vocab_size=340)
     shipped = GREEN(str(judge_dir), cpu=True, compute_summary_stats=False)
     shipped.tokenizer.batch_encode_plus = shipped.tokenizer.__call__  # removed in transformers 5
-    assert shipped.tokenizer.chat_template == green.CHAT_TEMPLATE
+    assert shipped.tokenizer.chat_template == judge.CHAT_TEMPLATE
     long_ref = ("Heart size is normal. The mediastinal contour is within normal limits. The lungs are clear without "
                 "focal consolidation, effusion or pneumothorax. No acute bony abnormality.")
     long_hyp = ("Mild cardiomegaly. Small left pleural effusion with adjacent atelectasis. No pneumothorax. "
@@ -154,22 +153,22 @@ def test_faithful_to_shipped_green(tmp_path, sample_studies):
     hyps = [long_hyp, "", "No pneumothorax.", long_hyp]
     _, _, scores, _, results = shipped(refs, hyps)  # one batch of 4 (GREEN's batch size is 8)
 
-    ours = green.Judge(str(judge_dir), tmp_path / "cache.jsonl", dtype=torch.float16, batch_size=2)
-    ours.model, ours.tokenizer = green.load_judge(str(judge_dir), dtype=torch.float16)
-    longest = max(len(ours.tokenizer(green.chat_text(ours.tokenizer, r, h))["input_ids"]) for r, h in zip(refs, hyps))
-    ours.max_new_tokens = green.GREEN_MAX_LENGTH - longest  # GREEN generates up to max_length=2048 in all
+    ours = judge.Judge(str(judge_dir), tmp_path / "cache.jsonl", dtype=torch.float16, batch_size=2)
+    ours.model, ours.tokenizer = judge.load_judge(str(judge_dir), dtype=torch.float16)
+    longest = max(len(ours.tokenizer(judge.chat_text(ours.tokenizer, r, h))["input_ids"]) for r, h in zip(refs, hyps))
+    ours.max_new_tokens = judge.GREEN_MAX_LENGTH - longest  # GREEN generates up to max_length=2048 in all
     records = ours.judge(list(zip(refs, hyps)))  # other batches (sorted, 2 per batch), duplicate judged once
     assert [r["response"] for r in records] == list(results.green_analysis)
     assert min(r["n_new_tokens"] for r in records) > 50  # a real comparison, not a few tokens
-    assert [green.green_scorer().compute_green(r["response"]) for r in records] == scores
-    assert [green.score_response(r["response"])["parsed"] for r in records] == [
-        green.green_scorer().parse_error_counts(c, "Matched Findings", for_reward=True)[0] is not None
-        and green.green_scorer().parse_error_counts(c, "Clinically Significant Errors", for_reward=True)[0]
+    assert [judge.green_scorer().compute_green(r["response"]) for r in records] == scores
+    assert [judge.score_response(r["response"])["parsed"] for r in records] == [
+        judge.green_scorer().parse_error_counts(c, "Matched Findings", for_reward=True)[0] is not None
+        and judge.green_scorer().parse_error_counts(c, "Clinically Significant Errors", for_reward=True)[0]
         is not None for c in results.green_analysis]
 
 
 def test_baselines(tmp_path, sample_studies, tiny_model_dir):
-    train = helpers.by_split(sample_studies, "train")
+    train = data.by_split(sample_studies, "train")
     template = baselines.template_regions(train)
     for region in REGIONS:
         texts = [s.regions[region] for s in train if s.regions[region]]
@@ -178,12 +177,12 @@ def test_baselines(tmp_path, sample_studies, tiny_model_dir):
 
     def load():
         loads.append(1)
-        return helpers.load_model_and_processor(str(tiny_model_dir), visual_tokens="base")
+        return modeling.load_model_and_processor(str(tiny_model_dir), visual_tokens="base")
 
     neighbors = baselines.retrieval_neighbors(tmp_path / "nn.json", "tiny", train, train, 3, load)
     assert all(neighbors[s.id]["train_id"] == s.id for s in train)  # each study's nearest is itself
     assert all(n["similarity"] == pytest.approx(1.0, abs=1e-5) for n in neighbors.values())
-    test = helpers.by_split(sample_studies, "test")
+    test = data.by_split(sample_studies, "test")
     neighbors = baselines.retrieval_neighbors(tmp_path / "nn2.json", "tiny", train, test, 3, load)
     assert baselines.retrieval_neighbors(tmp_path / "nn2.json", "tiny", train, test, 3, load) == neighbors
     assert len(loads) == 2  # the cached neighbours skip the model
@@ -214,7 +213,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
     for split, refs in references.items():  # the "model" repeats each reference; its judge says 1 match, 1 error
         lines = [{"id": i, "text": "", "regions": {r: report[r] for r in REGIONS}, "parsed": True, "n_tokens": 9,
                   "confidence": {r: 0.5 if report[r] else None for r in REGIONS}} for i, report in refs.items()]
-        path = artifacts / "generate" / "demo" / f"predictions_{split}.jsonl"
+        path = runs.Artifacts(artifacts).run("demo").predictions(split)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         responses.update({(report[r], report[r]): answer(1, {"a": 1}) if report[r] else answer(0)
@@ -227,15 +226,15 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
     table = pd.read_csv(out / "green_table.csv", index_col=0)
     assert list(table.index) == ["Validation", "Testing"]
     assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean"]
-    for split, name in green.SPLIT_NAMES.items():
-        for region, column in green.COLUMNS.items():
+    for split, name in runs.SPLIT_NAMES.items():
+        for region, column in reports.HEADERS.items():
             if any(report[region] for report in references[split].values()):
                 assert table.loc[name, column] == pytest.approx(0.5)
             else:
                 assert math.isnan(table.loc[name, column])
     ci = pd.read_csv(out / "green_table_ci.csv", index_col=0)
     assert ci.shape == (2, 10)
-    for split in green.SPLIT_NAMES:
+    for split in runs.SPLIT_NAMES:
         pairs = [json.loads(line) for line in (out / f"green_{split}.jsonl").read_text().splitlines()]
         assert len(pairs) == 4 * len(references[split]) and {p["system"] for p in pairs} == {"model"}
     stats = pd.read_csv(out / "green_stats.csv")
@@ -248,11 +247,11 @@ def test_bad_predictions_named(tmp_path, capsys):
     refs = [study(0, "test", lung="Clear."), study(1, "test", lung="Clear.")]
     path = tmp_path / "predictions_test.jsonl"
     path.write_text(json.dumps({"id": "s9", "regions": {r: "" for r in REGIONS}}) + "\n")
-    with pytest.raises(helpers.DataError, match=r"predictions_test.jsonl: study s9 is not in the reference split"):
-        green.load_predictions(path, refs)
+    with pytest.raises(data.DataError, match=r"predictions_test.jsonl: study s9 is not in the reference split"):
+        generation.load_predictions(path, refs)
     path.write_text(json.dumps({"id": "s0", "regions": {"lung": "Clear."}}) + "\n")
-    with pytest.raises(helpers.DataError, match=r"predictions_test.jsonl: study s0: 'regions' must map"):
-        green.load_predictions(path, refs)
+    with pytest.raises(data.DataError, match=r"predictions_test.jsonl: study s0: 'regions' must map"):
+        generation.load_predictions(path, refs)
     path.write_text(json.dumps({"id": "s0", "regions": {r: "" for r in REGIONS}}) + "\n")
-    rows = green.region_pairs("model", "test", refs, green.load_predictions(path, refs))
+    rows = green.region_pairs("model", "test", refs, generation.load_predictions(path, refs))
     assert len(rows) == 4 and "1 of 2 studies have no prediction and are not scored: s1" in capsys.readouterr().out

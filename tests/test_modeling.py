@@ -3,16 +3,14 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
-import helpers
-from helpers import modeling
+from helpers import data, demo_models, lm, modeling, runs
 
 
 @pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
 def test_tiny_model_loads_like_a_hub_checkpoint_in_every_mode(tiny_model_dir, load_tiny, mode):
     before = (tiny_model_dir / "config.json").stat().st_mtime_ns
-    assert modeling.build_tiny_llava(tiny_model_dir, ["ignored"]) == tiny_model_dir  # idempotent
+    assert demo_models.build_random_llava(tiny_model_dir, ["ignored"]) == tiny_model_dir  # idempotent
     assert (tiny_model_dir / "config.json").stat().st_mtime_ns == before
     model, processor = load_tiny(mode)
     side = model.config.vision_config.image_size
@@ -36,7 +34,7 @@ def test_base_mode_is_llava_next_without_image_newline(load_tiny, sample_studies
     base_weights, anyres_weights = base.state_dict(), anyres.state_dict()
     assert set(anyres_weights) - set(base_weights) == {"model.image_newline"} and set(base_weights) <= set(anyres_weights)
     assert all(torch.equal(base_weights[k], anyres_weights[k]) for k in base_weights)
-    view = helpers.study_images(sample_studies[0], 1)[0]
+    view = data.study_images(sample_studies[0], 1)[0]
     squashed = base_processor.image_processor(images=[view], return_tensors="pt")["pixel_values"]
     tiles = anyres_processor.image_processor(images=[view], return_tensors="pt")["pixel_values"]
     assert squashed.shape[1:] == tiles.shape[2:] and torch.allclose(squashed[0], tiles[0, 0], atol=1e-6)
@@ -55,8 +53,8 @@ def test_visual_tokens_per_view_for_the_real_geometry():
 def real_geometry_dir(tmp_path_factory, sample_studies):
     """A stand-in with llava-v1.6-mistral-7b's image geometry (CLIP 336/14, the hub's five pinpoints), tiny widths;
     like the hub's, its saved processor has no patch size, feature strategy or extra-token count."""
-    return modeling.build_tiny_llava(tmp_path_factory.mktemp("real") / "geometry",
-                                     modeling.tokenizer_corpus(sample_studies), image_size=336)
+    return demo_models.build_random_llava(tmp_path_factory.mktemp("real") / "geometry",
+                                     demo_models.tokenizer_corpus(sample_studies), image_size=336)
 
 
 @pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
@@ -67,7 +65,7 @@ def test_real_geometry_runs_a_three_view_forward_pass(real_geometry_dir, sample_
     assert (bare.patch_size, bare.num_additional_image_tokens) == (None, 0)  # what fails without fit_processor
     model, processor = modeling.load_model_and_processor(str(real_geometry_dir), visual_tokens=mode)
     study = next(s for s in sample_studies if len(s.image_paths) == 3)
-    views = helpers.study_images(study, 3)
+    views = data.study_images(study, 3)
     inputs = modeling.generation_inputs(processor, [views], model)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     expected = [modeling.visual_tokens_per_view(*v.size, mode) for v in views]
@@ -88,7 +86,7 @@ def test_processor_that_disagrees_with_the_model_is_refused(tiny_model_dir):
 
 
 def test_bnb_config_is_nf4_double_quant_and_skips_by_full_path():
-    config = modeling.bnb_4bit_config(torch.float16)
+    config = lm.bnb_4bit_config(torch.float16)
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.float16
     assert config.llm_int8_skip_modules == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
@@ -101,7 +99,7 @@ def test_training_template_renders_one_bos_for_generation(tiny_model_dir, sample
     processor.chat_template = template
     assert modeling.training_chat_template(processor) == template  # idempotent
     studies = [next(s for s in sample_studies if len(s.image_paths) == n) for n in (1, 3)]
-    views = [helpers.study_images(s, 3) for s in studies]
+    views = [data.study_images(s, 3) for s in studies]
     inputs = modeling.generation_inputs(processor, views)
     bos, pad = processor.tokenizer.bos_token_id, processor.tokenizer.pad_token_id
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -114,8 +112,10 @@ def test_training_template_renders_one_bos_for_generation(tiny_model_dir, sample
 
 
 def test_load_for_inference_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
-        modeling.load_for_inference(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_id": "x"}))
+    run = runs.Artifacts(tmp_path).run("r")
+    with pytest.raises(FileNotFoundError, match="config.json not found: train run 'r' with notebook 02"):
+        modeling.load_for_inference(run)
+    run.train_dir.mkdir(parents=True)
+    run.config_path.write_text(json.dumps({"model_id": "x"}))
     with pytest.raises(FileNotFoundError, match="no trained adapter"):
-        modeling.load_for_inference(tmp_path)
+        modeling.load_for_inference(run)

@@ -3,7 +3,7 @@ import json
 import nbformat
 from conftest import ROOT
 
-import helpers
+from helpers import data
 from helpers.run_notebooks import run_notebook
 
 NOTEBOOK = "01_region_prompting.ipynb"
@@ -16,10 +16,10 @@ def test_notebook01_runs_in_demo_and_writes_the_split_validation_set(tmp_path, s
 
     val_regions = json.loads((regions_dir / "val_regions.json").read_text())
     assert list(val_regions) == val_ids
-    assert all(list(r) == list(helpers.ALL_REGIONS) for r in val_regions.values())
+    assert all(list(r) == list(data.ALL_REGIONS) for r in val_regions.values())
     assert val_regions[val_ids[0]]["heart"] == "Heart is unremarkable."  # the rules backend ran on the real text
 
-    studies = helpers.load_studies(sample_dir, annotation_path=regions_dir / "annotation_with_val.json")
+    studies = data.load_studies(sample_dir, annotation_path=regions_dir / "annotation_with_val.json")
     val = [s for s in studies if s.split == "val"]
     assert len(val) == 4 and all(s.regions == val_regions[s.id] and s.original_report for s in val)
 

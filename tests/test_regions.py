@@ -6,15 +6,14 @@ import pytest
 from conftest import SHARED_IU_XRAY, needs_shared
 from openai.types.chat import ChatCompletion
 
-import helpers
-from helpers import regions as R
+from helpers import data, region_checks, regions
 from helpers.storage import atomic_write_json
 
-SEED_REPORT, SEED_SPLIT = R.FEW_SHOT[0]  # a real training report with its provided split
+SEED_REPORT, SEED_SPLIT = regions.FEW_SHOT[0]  # a real training report with its provided split
 
 
 def rules(text):
-    return helpers.split_regions(text, backend="rules")
+    return regions.split_regions(text, backend="rules")
 
 
 # ---------------------------------------------------------------- rules: the provided splits' conventions
@@ -103,42 +102,42 @@ def test_a_statement_whose_content_is_redacted_goes_to_others_unchanged():
 
 
 def test_rules_return_exactly_five_string_keys_even_for_empty_text():
-    assert rules("") == {k: "" for k in helpers.ALL_REGIONS}
-    assert list(rules(SEED_REPORT)) == list(helpers.ALL_REGIONS)
+    assert rules("") == {k: "" for k in data.ALL_REGIONS}
+    assert list(rules(SEED_REPORT)) == list(data.ALL_REGIONS)
 
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backend 'gpt'"):
-        helpers.split_regions("Lungs are clear.", backend="gpt")
+        regions.split_regions("Lungs are clear.", backend="gpt")
 
 
 # ---------------------------------------------------------------- validation
 
 def test_a_faithful_split_has_no_violations():
-    assert helpers.validate_split(SEED_REPORT, SEED_SPLIT) == []
+    assert region_checks.validate_split(SEED_REPORT, SEED_SPLIT) == []
 
 
 def test_schema_violations_are_named():
     bad = {"lung": "Lungs are clear.", "heart": 3, "bone": "", "others": "", "extra": ""}
-    problems = helpers.validate_split("Lungs are clear.", bad)
+    problems = region_checks.validate_split("Lungs are clear.", bad)
     assert "missing key 'mediastinal'" in problems and "unexpected key 'extra'" in problems
     assert "'heart' is not a string" in problems
-    assert helpers.validate_split("Lungs are clear.", ["Clear."]) == ["output is not a JSON object (got list)"]
+    assert region_checks.validate_split("Lungs are clear.", ["Clear."]) == ["output is not a JSON object (got list)"]
 
 
 def test_invented_and_dropped_content_are_violations():
     text = "The lungs are clear. Degenerative changes of the thoracic spine."
     split = {"lung": "The lungs are clear. Large right pneumothorax.", "heart": "", "mediastinal": "", "bone": "",
              "others": ""}
-    problems = helpers.validate_split(text, split)
+    problems = region_checks.validate_split(text, split)
     assert problems == ["lung: not grounded in the report: 'Large right pneumothorax.'",
                         "not covered by any region: 'Degenerative changes of the thoracic spine.'"]
 
 
 def test_json_is_extracted_from_chatty_answers():
-    assert R.extract_json_object('Sure!\n```json\n{"lung": "Clear."}\n```') == {"lung": "Clear."}
-    assert R.extract_json_object('{bad} then {"a": 1}') == {"a": 1}
-    assert R.extract_json_object("no json here") is None and R.extract_json_object(None) is None
+    assert region_checks.extract_json_object('Sure!\n```json\n{"lung": "Clear."}\n```') == {"lung": "Clear."}
+    assert region_checks.extract_json_object('{bad} then {"a": 1}') == {"a": 1}
+    assert region_checks.extract_json_object("no json here") is None and region_checks.extract_json_object(None) is None
 
 
 # ---------------------------------------------------------------- cache
@@ -154,7 +153,7 @@ def cache_lines(path):
 
 def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path, monkeypatch):
     cache = tmp_path / "cache.jsonl"
-    real, calls = R.split_rules, []
+    real, calls = regions.split_rules, []
 
     def dies_after_three(text):
         if len(calls) == 3:
@@ -162,27 +161,27 @@ def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path, monkeypa
         calls.append(text)
         return real(text)
 
-    monkeypatch.setattr(R, "split_rules", dies_after_three)
+    monkeypatch.setattr(regions, "split_rules", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
-        helpers.split_many(REPORTS, cache_path=cache, batch_size=2, progress=False)
+        regions.split_many(REPORTS, cache_path=cache, batch_size=2, progress=False)
     assert len(cache_lines(cache)) == 2  # the finished batch is on disk; the half-done one is not
 
-    monkeypatch.setattr(R, "split_rules", real)
-    run = helpers.split_many(REPORTS, cache_path=cache, batch_size=2, progress=False)
+    monkeypatch.setattr(regions, "split_rules", real)
+    run = regions.split_many(REPORTS, cache_path=cache, batch_size=2, progress=False)
     assert run.n_cached == 3 and run.n_new == len(REPORTS) - 3 and not run.failures  # s0, s1 and dup (= s0's text)
     lines = cache_lines(cache)
     assert len(lines) == len(set(REPORTS.values())) == len({r["key"] for r in lines})
     assert run.regions == {i: real(t) for i, t in REPORTS.items()}
 
-    again = helpers.split_many(REPORTS, cache_path=cache, progress=False)
+    again = regions.split_many(REPORTS, cache_path=cache, progress=False)
     assert again.n_cached == len(REPORTS) and again.n_new == 0 and len(cache_lines(cache)) == len(lines)
 
 
 def test_a_new_prompt_version_misses_the_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache.jsonl"
-    helpers.split_many(REPORTS, cache_path=cache, progress=False)
-    monkeypatch.setattr(R, "PROMPT_VERSION", "regions-test")
-    run = helpers.split_many(REPORTS, cache_path=cache, progress=False)
+    regions.split_many(REPORTS, cache_path=cache, progress=False)
+    monkeypatch.setattr(regions, "PROMPT_VERSION", "regions-test")
+    run = regions.split_many(REPORTS, cache_path=cache, progress=False)
     assert run.n_cached == 0 and len(cache_lines(cache)) == 2 * len(set(REPORTS.values()))
 
 
@@ -218,22 +217,22 @@ class FakeClient:
 
 def test_openai_valid_answer_uses_strict_schema_at_temperature_zero():
     client = FakeClient(completion(json.dumps(SEED_SPLIT)))
-    assert helpers.split_regions(SEED_REPORT, backend="openai", client=client, model="gpt-test") == SEED_SPLIT
+    assert regions.split_regions(SEED_REPORT, backend="openai", client=client, model="gpt-test") == SEED_SPLIT
     (request,) = client.requests
     assert request["model"] == "gpt-test" and request["temperature"] == 0
     schema = request["response_format"]["json_schema"]
     assert request["response_format"]["type"] == "json_schema" and schema["strict"] is True
-    assert schema["schema"]["required"] == list(helpers.ALL_REGIONS)
+    assert schema["schema"]["required"] == list(data.ALL_REGIONS)
     assert schema["schema"]["additionalProperties"] is False
     messages = request["messages"]
     assert messages[0]["role"] == "system" and "cardiomediastinal" in messages[0]["content"]
-    assert len(messages) == 2 + 2 * len(R.FEW_SHOT) and messages[-1]["content"].endswith(SEED_REPORT)
+    assert len(messages) == 2 + 2 * len(regions.FEW_SHOT) and messages[-1]["content"].endswith(SEED_REPORT)
 
 
 def test_openai_retries_once_showing_the_violation():
     invented = dict(SEED_SPLIT, lung=SEED_SPLIT["lung"] + " Large right pneumothorax.")
     client = FakeClient(completion(json.dumps(invented)), completion(json.dumps(SEED_SPLIT)))
-    assert helpers.split_regions(SEED_REPORT, backend="openai", client=client) == SEED_SPLIT
+    assert regions.split_regions(SEED_REPORT, backend="openai", client=client) == SEED_SPLIT
     retry = client.requests[1]["messages"]
     assert retry[-2] == {"role": "assistant", "content": json.dumps(invented)}
     assert "not grounded in the report: 'Large right pneumothorax.'" in retry[-1]["content"]
@@ -247,32 +246,32 @@ def test_openai_failures_are_recorded_per_study_not_cached_and_retried_on_rerun(
                         completion(refusal="I can't help with that."),
                         rate_limited())
     cache = tmp_path / "cache.jsonl"
-    run = helpers.split_many(reports, backend="openai", client=client, cache_path=cache, progress=False)
+    run = regions.split_many(reports, backend="openai", client=client, cache_path=cache, progress=False)
     assert run.regions == {"valid": SEED_SPLIT}
     assert run.failures["invalid"].startswith("invalid output: missing key 'heart'")
     assert run.failures["refused"] == "refused: I can't help with that."
     assert run.failures["limited"] == "RateLimitError after the client's retries"
     assert "3 failed" in run.summary() and len(cache_lines(cache)) == 1
 
-    lung = {k: "" for k in helpers.ALL_REGIONS}
+    lung = {k: "" for k in data.ALL_REGIONS}
     answers = {"The lungs are clear.": dict(lung, lung="The lungs are clear."),
                "Heart size is normal.": dict(lung, heart="Heart size is normal."),
                "Mild cardiomegaly.": dict(lung, heart="Mild cardiomegaly.")}
     healthy = FakeClient(*[completion(json.dumps(answers[reports[i]])) for i in ("invalid", "refused", "limited")])
-    rerun = helpers.split_many(reports, backend="openai", client=healthy, cache_path=cache, progress=False)
+    rerun = regions.split_many(reports, backend="openai", client=healthy, cache_path=cache, progress=False)
     assert not rerun.failures and rerun.n_cached == 1 and rerun.n_new == 3 and len(cache_lines(cache)) == 4
 
 
 def test_openai_failure_raises_from_split_regions():
-    with pytest.raises(R.SplitError, match="incomplete answer"):
-        helpers.split_regions("Lungs are clear.", backend="openai",
+    with pytest.raises(regions.SplitError, match="incomplete answer"):
+        regions.split_regions("Lungs are clear.", backend="openai",
                               client=FakeClient(completion("{", finish_reason="length")))
 
 
 def test_openai_without_a_key_says_how_to_fix_it(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(RuntimeError, match="OPENAI_API_KEY is not set"):
-        helpers.split_regions("Lungs are clear.", backend="openai")
+        regions.split_regions("Lungs are clear.", backend="openai")
 
 
 # ---------------------------------------------------------------- hf backend on a tiny random Llama
@@ -282,10 +281,10 @@ def tiny_llama(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from helpers.modeling import _train_tokenizer
+    from helpers.demo_models import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = _train_tokenizer([R.SYSTEM_PROMPT] + [r + json.dumps(s) for r, s in R.FEW_SHOT], vocab_size=400)
+    tokenizer = train_tokenizer([regions.SYSTEM_PROMPT] + [r + json.dumps(s) for r, s in regions.FEW_SHOT], vocab_size=400)
     tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
                                "{% if add_generation_prompt %}<s>assistant: {% endif %}")
     torch.manual_seed(0)
@@ -302,7 +301,7 @@ def tiny_llama(tmp_path_factory):
 def test_hf_backend_runs_batched_with_a_retry_and_records_invalid_output_as_failure(tiny_llama, tmp_path, load_in_4bit):
     import bitsandbytes as bnb
 
-    model, tokenizer = R.load_hf(tiny_llama, load_in_4bit=load_in_4bit)
+    model, tokenizer = regions.load_hf(tiny_llama, load_in_4bit=load_in_4bit)
     assert tokenizer.padding_side == "left"
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit) == load_in_4bit
     calls = []
@@ -310,7 +309,7 @@ def test_hf_backend_runs_batched_with_a_retry_and_records_invalid_output_as_fail
     model.generate = lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw)
     try:
         reports = {"a": "The lungs are clear.", "b": SEED_REPORT}
-        run = helpers.split_many(reports, backend="hf", model=tiny_llama, batch_size=2, max_new_tokens=4,
+        run = regions.split_many(reports, backend="hf", model=tiny_llama, batch_size=2, max_new_tokens=4,
                                  load_in_4bit=load_in_4bit, cache_path=tmp_path / "cache.jsonl", progress=False)
     finally:
         model.generate = generate
@@ -322,26 +321,26 @@ def test_hf_backend_runs_batched_with_a_retry_and_records_invalid_output_as_fail
 # ---------------------------------------------------------------- annotation written back
 
 def test_annotation_with_val_regions_loads_with_original_text_kept(sample_dir, tmp_path):
-    annotation = helpers.data.read_annotation(sample_dir / "annotation.json")
+    annotation = data.read_annotation(sample_dir / "annotation.json")
     val = {e["id"]: e["original_report"] for e in annotation["val"]}
-    regions = {i: rules(t) for i, t in list(val.items())[:-1]}  # the last one "failed": it stays unsplit
+    split = {i: rules(t) for i, t in list(val.items())[:-1]}  # the last one "failed": it stays unsplit
     path = tmp_path / "annotation_with_val.json"
-    atomic_write_json(path, R.annotation_with_regions(annotation, regions))
-    studies = {s.id: s for s in helpers.load_studies(sample_dir, annotation_path=path)}
+    atomic_write_json(path, regions.annotation_with_regions(annotation, split))
+    studies = {s.id: s for s in data.load_studies(sample_dir, annotation_path=path)}
     for study_id, text in val.items():
         assert studies[study_id].original_report == text
-        assert studies[study_id].regions == (regions[study_id] if study_id in regions else None)
+        assert studies[study_id].regions == (split[study_id] if study_id in split else None)
     assert "report" not in annotation["val"][0]  # the input annotation is not modified
 
 
 def test_agreement_counts_presence_and_rouge():
-    empty = dict.fromkeys(helpers.ALL_REGIONS, "")
+    empty = dict.fromkeys(data.ALL_REGIONS, "")
     a = {"x": empty, "y": dict(empty, lung="Lungs are clear.")}
     b = {"x": dict(a["x"], lung="Clear."), "y": dict(a["y"], lung="The lungs are clear.")}
-    lung = R.agreement(a, b)["lung"]
+    lung = region_checks.agreement(a, b)["lung"]
     assert lung["presence"] == 0.5 and lung["n"] == 2
     assert lung["rouge_l"] == pytest.approx((0 + 2 * 3 / 7) / 2)
-    assert R.agreement(a, b)["heart"] == {"presence": 1.0, "rouge_l": 1.0, "n": 2}
+    assert region_checks.agreement(a, b)["heart"] == {"presence": 1.0, "rouge_l": 1.0, "n": 2}
 
 
 # ---------------------------------------------------------------- the real training data (regression guard)
@@ -358,7 +357,7 @@ def test_rules_meet_the_task_thresholds_on_the_training_reports():
     gold = {e["id"]: e["report"] for e in json.loads((SHARED_IU_XRAY / "annotation.json").read_text())["train"]}
     with open(SHARED_IU_XRAY / "train_original_findings.csv", newline="") as f:
         ours = {row["id"]: rules(row["findings"]) for row in csv.DictReader(f)}
-    scores = R.agreement(gold, ours, helpers.REGIONS)
+    scores = region_checks.agreement(gold, ours, data.REGIONS)
     assert scores["lung"]["n"] == 2069
     assert sum(s["rouge_l"] for s in scores.values()) / 4 >= 0.85, scores
     for region, s in scores.items():

@@ -5,8 +5,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import helpers
-from helpers import training
+from helpers import data, modeling, reports, runs, train_data, training
 from helpers.modeling import (generation_inputs, image_tokens_per_view, load_for_inference, load_processor,
                               training_chat_template)
 from helpers.settings import resolve
@@ -16,7 +15,7 @@ DEMO = resolve("demo")
 
 @pytest.fixture(scope="module")
 def train_studies(sample_studies):
-    return helpers.by_split(sample_studies, "train")
+    return data.by_split(sample_studies, "train")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def config_for(tiny_model_dir, settings=DEMO, **overrides):
     return training.make_config(settings, **{"model_id": tiny_model_dir, "max_length": None, **overrides})
 
 
-@pytest.fixture(scope="module", params=helpers.modeling.VISUAL_TOKENS)
+@pytest.fixture(scope="module", params=modeling.VISUAL_TOKENS)
 def two_stage(tiny_model_dir, request):
     """A two_stage PEFT model (vision LoRA, projector, LLM LoRA) and its processor, in each visual-token mode."""
     config = config_for(tiny_model_dir, visual_tokens=request.param)
@@ -38,7 +37,7 @@ def two_stage(tiny_model_dir, request):
 
 
 def collate(trainer, studies, max_views=3):
-    dataset = training.build_dataset(studies, max_views)
+    dataset = train_data.build_dataset(studies, max_views)
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
 
 
@@ -46,7 +45,7 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
     config, model, processor = two_stage
     stage = config["stages"][0]
     studies = [by_views[1], by_views[2], by_views[3]]
-    dataset = training.build_dataset(studies, 3)
+    dataset = train_data.build_dataset(studies, 3)
     trainer = training.make_trainer(model, processor, config, stage, tmp_path, dataset, dataset)
     batch = collate(trainer, studies)
     tokenizer = processor.tokenizer
@@ -57,11 +56,11 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
         trained = (labels != -100).nonzero().flatten()
         # the target and </s>, nothing else: prompt, images and padding are all -100
-        assert tokenizer.decode(ids[trained]) == helpers.format_report(study.regions) + "</s>"
+        assert tokenizer.decode(ids[trained]) == reports.format_report(study.regions) + "</s>"
         assert trained.tolist() == list(range(trained[0], trained[-1] + 1))
         assert (labels[ids == image_id] == -100).all()
         assert (labels[mask == 0] == -100).all()
-        views = helpers.study_images(study, 3)
+        views = data.study_images(study, 3)
         assert (ids == image_id).sum() == sum(image_tokens_per_view(processor, *v.size) for v in views)
         # one BOS, and the prompt is token for token what generation feeds the model
         assert ids[0] == tokenizer.bos_token_id and (ids == tokenizer.bos_token_id).sum() == 1
@@ -75,10 +74,10 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
 
 def test_token_budget_is_exact_and_never_truncates(two_stage, train_studies, tmp_path):
     config, model, processor = two_stage
-    counts = training.token_counts(train_studies, processor, 3)
+    counts = train_data.token_counts(train_studies, processor, 3)
     assert [c["id"] for c in counts] == [s.id for s in train_studies]
     max_length = max(c["total"] for c in counts)
-    dataset = training.build_dataset(train_studies, 3)
+    dataset = train_data.build_dataset(train_studies, 3)
     exact = training.make_trainer(model, processor, {**config, "max_length": max_length}, config["stages"][0],
                                   tmp_path, dataset, dataset)
     batch = collate(exact, train_studies)
@@ -135,7 +134,7 @@ def test_presets():
         training.resolve_stages("nope", 3)
 
 
-@pytest.mark.parametrize("mode", helpers.modeling.VISUAL_TOKENS)
+@pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
 def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, mode):
     """The T4 path (4-bit, fp16): after each two_stage trainer is built every trainable parameter is fp32, and so is
     every gradient, because the CUDA GradScaler that fp16 training uses cannot unscale bf16 gradients."""
@@ -145,7 +144,7 @@ def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, m
     config = config_for(tiny_model_dir, t4, max_length=512, visual_tokens=mode)
     assert config["load_in_4bit"] and config["precision"] == "fp16"
     model, processor = training.load_training_model(config)
-    dataset = training.build_dataset(train_studies[:2], 3)
+    dataset = train_data.build_dataset(train_studies[:2], 3)
     previous = None
     for stage in config["stages"]:
         training.set_trainable(model, stage)
@@ -169,12 +168,12 @@ def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, m
 
 
 def test_holdout_is_a_stable_slice_of_train(train_studies, sample_studies):
-    fit, held = training.holdout_split(train_studies)
+    fit, held = train_data.holdout_split(train_studies)
     assert len(held) == 2 and len(fit) == len(train_studies) - 2
     assert not {s.id for s in fit} & {s.id for s in held}
-    assert {s.id for s in training.holdout_split(list(reversed(train_studies)))[1]} == {s.id for s in held}
+    assert {s.id for s in train_data.holdout_split(list(reversed(train_studies)))[1]} == {s.id for s in held}
     with pytest.raises(ValueError, match="train split only"):
-        training.holdout_split(sample_studies)
+        train_data.holdout_split(sample_studies)
 
 
 class Interrupt(Exception):
@@ -204,38 +203,38 @@ def test_interrupted_run_resumes_without_redoing_anything(tiny_model_dir, train_
     stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage"]]
     config = config_for(tiny_model_dir, stages=stages, max_length=256, save_steps=1)
     fit, held = train_studies[:6], train_studies[6:7]  # 3 steps per stage
-    run_dir = tmp_path / "run"
+    run = runs.Artifacts(tmp_path).run("run")
     with pytest.raises(Interrupt):
-        training.train(run_dir, config, fit, held, callbacks=[InterruptAfterSave("2_vision_lora", 2)])
-    assert (run_dir / "checkpoints" / "1_frozen_vision" / "stage_done.json").is_file()
-    assert not (run_dir / "adapter" / "adapter_config.json").exists()
+        training.train(run, config, fit, held, callbacks=[InterruptAfterSave("2_vision_lora", 2)])
+    assert (run.checkpoints_dir / "1_frozen_vision" / "stage_done.json").is_file()
+    assert not run.trained
     counter = CountSteps()
-    metrics = training.train(run_dir, config, fit, held, callbacks=[counter])
+    metrics = training.train(run, config, fit, held, callbacks=[counter])
     assert counter.steps == [("2_vision_lora", 3)]  # stage 1 skipped, stage 2 continues at step 3
     stage1, stage2 = metrics["stages"]
     assert (stage1["global_step"], stage1["resumed_from_step"]) == (3, 0)
     assert (stage2["global_step"], stage2["resumed_from_step"]) == (3, 2)
     assert [step for step, _ in stage2["loss"]] == [1, 2, 3]
-    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert json.loads(run.metrics_path.read_text()) == metrics
     # killed after the last stage but before the adapter was written: the rerun writes the last stage's weights
     from peft.utils import load_peft_weights
 
-    (run_dir / "metrics.json").unlink()
-    (run_dir / "adapter" / "adapter_config.json").unlink()
-    assert training.train(run_dir, config, fit, held, callbacks=[counter]) == metrics and len(counter.steps) == 1
-    final, adapter = (load_peft_weights(str(d)) for d in (run_dir / "checkpoints" / "2_vision_lora" / "final",
-                                                            run_dir / "adapter"))
+    run.metrics_path.unlink()
+    (run.adapter_dir / "adapter_config.json").unlink()
+    assert training.train(run, config, fit, held, callbacks=[counter]) == metrics and len(counter.steps) == 1
+    final, adapter = (load_peft_weights(str(d)) for d in (run.checkpoints_dir / "2_vision_lora" / "final",
+                                                            run.adapter_dir))
     assert final.keys() == adapter.keys() and all(torch.equal(final[k], adapter[k]) for k in final)
     # a finished run is not trained again; other settings under the same run are refused
-    assert training.train(run_dir, config, fit, held, callbacks=[counter]) == metrics and len(counter.steps) == 1
+    assert training.train(run, config, fit, held, callbacks=[counter]) == metrics and len(counter.steps) == 1
     with pytest.raises(ValueError, match="other settings"):
-        training.train(run_dir, {**config, "max_length": 300}, fit, held)
+        training.train(run, {**config, "max_length": 300}, fit, held)
 
 
 def test_overfits_a_fixed_small_batch(tiny_model_dir, train_studies, tmp_path):
     stages = [{"name": "overfit", "epochs": 20, "lr": 3e-3, "vision_lora": False, "projector": True, "llm_lora": True}]
     config = config_for(tiny_model_dir, stages=stages, max_length=256, save_steps=10)
-    metrics = training.train(tmp_path / "run", config, train_studies[:2], train_studies[2:3])
+    metrics = training.train(runs.Artifacts(tmp_path).run("run"), config, train_studies[:2], train_studies[2:3])
     losses = [loss for _, loss in metrics["stages"][0]["loss"]]
     assert len(losses) == 20
     assert losses[-1] < 0.3 * losses[0], losses
@@ -246,16 +245,17 @@ def test_qlora_4bit_trains_on_cpu_and_skips_modules_by_full_path(tiny_model_dir,
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     config = config_for(tiny_model_dir, preset="qlora", epochs=1, load_in_4bit=True, max_length=256, save_steps=2)
-    metrics = training.train(tmp_path / "run", config, train_studies[:4], train_studies[4:5])
+    run = runs.Artifacts(tmp_path).run("run")
+    metrics = training.train(run, config, train_studies[:4], train_studies[4:5])
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in metrics["stages"][0]["loss"])
-    model, processor, loaded = load_for_inference(tmp_path / "run")
+    model, processor, loaded = load_for_inference(run)
     assert loaded["load_in_4bit"] and loaded["visual_tokens"] == config["visual_tokens"]
     kinds = {name: type(m) for name, m in model.base_model.model.named_modules() if isinstance(m, torch.nn.Linear)}
     four_bit = {n for n, k in kinds.items() if issubclass(k, bnb.nn.Linear4bit)}
     assert four_bit and all(".language_model." in n for n in four_bit)
     assert any("vision_tower" in n for n in kinds) and any("multi_modal_projector" in n for n in kinds)
     assert "lm_head" in kinds and "lm_head" not in four_bit
-    inputs = generation_inputs(processor, [helpers.study_images(train_studies[0], 3)])
+    inputs = generation_inputs(processor, [data.study_images(train_studies[0], 3)])
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] <= inputs["input_ids"].shape[1] + 4
     # bare module names are not matched: the vision tower gets quantized
@@ -270,14 +270,15 @@ def test_notebook_02_runs_in_demo_and_writes_the_run_contract(tmp_path, train_st
     from helpers.run_notebooks import run_notebook
 
     run_notebook("02_sft_lora_qlora.ipynb", tmp_path)
-    run_dir = tmp_path / "train" / "demo"
-    config = training.load_run_config(run_dir)
+    run = runs.Artifacts(tmp_path).find_run()
+    assert run.name == "tiny-llava-two_stage"  # "<model>-<preset>"
+    config = run.config
     for key in ("model_id", "load_in_4bit", "visual_tokens", "max_views", "max_length", "preset", "stages",
                 "instruction", "holdout_ids"):
         assert key in config
-    assert config["instruction"] == helpers.reports.INSTRUCTION and config["model_id"].endswith("tiny-llava")
+    assert config["instruction"] == reports.INSTRUCTION and config["model_id"].endswith("tiny-llava")
     assert set(config["holdout_ids"]) <= {s.id for s in train_studies}
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads(run.metrics_path.read_text())
     assert [s["name"] for s in metrics["stages"]] == ["frozen_vision", "vision_lora"]
     assert all(s["loss"] and s["eval_loss"] and s["seconds"] > 0 for s in metrics["stages"])
     # stage 1 left the vision LoRA untouched (B stays zero); stage 2's fresh optimizer trained it
@@ -287,7 +288,8 @@ def test_notebook_02_runs_in_demo_and_writes_the_run_contract(tmp_path, train_st
         weights = load_peft_weights(str(folder))
         return [w for k, w in weights.items() if "vision_tower" in k and "lora_B" in k]
 
-    assert all((w == 0).all() for w in vision_b(run_dir / "checkpoints" / "1_frozen_vision" / "final"))
-    assert any((w != 0).any() for w in vision_b(run_dir / "adapter"))
-    model, processor, loaded = load_for_inference(run_dir)
+    assert all((w == 0).all() for w in vision_b(run.checkpoints_dir / "1_frozen_vision" / "final"))
+    assert any((w != 0).any() for w in vision_b(run.adapter_dir))
+    assert (run.train_dir / "loss.png").stat().st_size > 0
+    model, processor, loaded = load_for_inference(run)
     assert loaded == config and processor.chat_template == training_chat_template(load_processor(config["model_id"]))

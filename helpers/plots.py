@@ -1,0 +1,210 @@
+"""Every figure the notebooks show, drawn inline and saved as PNG: training loss (02), attention and confidence (03),
+GREEN (04). Each function takes its data and the PNG path and returns the figure; empty data draws a labelled,
+empty panel instead of bare axes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from .data import REGIONS
+from .judge import ERROR_CATEGORIES, green_scorer
+from .reports import HEADERS
+from .runs import SPLIT_NAMES
+
+# GREEN's clinically significant error categories (its `sub_categories`), short enough for an axis
+ERROR_NAMES = {"a": "(a) false finding", "b": "(b) missed finding", "c": "(c) wrong location",
+               "d": "(d) wrong severity", "e": "(e) false comparison", "f": "(f) missed comparison"}
+
+
+def _save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def _nothing(ax, what: str) -> None:
+    ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([]), ax.set_yticks([])
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# ---- notebook 02
+def plot_losses(metrics: dict, path):
+    """Training and held-out loss over the whole run, the stages one after another with their boundaries named."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    offset = 0
+    for stage in metrics["stages"]:
+        for key, style in (("loss", "-"), ("eval_loss", "o--")):
+            if stage[key]:
+                ax.plot([offset + s for s, _ in stage[key]], [v for _, v in stage[key]], style,
+                        label=f"{stage['name']} {'held-out' if key == 'eval_loss' else 'train'}")
+        ax.axvline(offset, color="grey", lw=0.5)
+        ax.annotate(f"stage {stage['stage']}: {stage['name']}", (offset, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=7, color="grey")
+        offset += stage["global_step"]
+    ax.set(xlabel="optimizer step (whole run)", ylabel="loss", title=f"{metrics['run']}: loss per stage")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        _nothing(ax, "no loss logged")
+    return _save(fig, path)
+
+
+# ---- notebook 03
+def plot_shares(analysis: dict, path):
+    """Share of attention on image tokens per layer, one line per region."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for region, df in analysis["shares"].groupby("region", sort=False):
+        ax.plot(df["layer"], df["visual_share"], marker="o", label=f"{region} ({_count(df['n_tokens'].iloc[0], 'token')})")
+    ax.set(xlabel="layer", ylabel="attention share on image tokens", ylim=(0, 1),
+           title=f"{analysis['id']}: where each region's tokens look")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(analysis["shares"]):
+        ax.legend(fontsize=8)
+    else:
+        _nothing(ax, "no region tokens generated")
+    return _save(fig, path)
+
+
+def plot_heatmaps(analysis: dict, path, layers: str = "all layers"):
+    """Rows = regions, columns = views: attention on the base tile stretched over the X-ray (sums to 1 per map)."""
+    maps, views = analysis["heatmaps"], analysis["views"]
+    if not maps:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        _nothing(ax, "no region tokens generated")
+        ax.set_title(analysis["id"])
+        return _save(fig, path)
+    fig, axes = plt.subplots(len(maps), len(views), figsize=(2.8 * len(views) + 0.6, 2.6 * len(maps)), squeeze=False)
+    for row, (region, per_view) in enumerate(maps.items()):
+        for col, (heat, image) in enumerate(zip(per_view, views)):
+            ax = axes[row, col]
+            width, height = image.size
+            ax.imshow(image.convert("L"), cmap="gray", extent=(0, width, height, 0))
+            # the base tile is the whole image squashed to a square: the extent stretches it back
+            shown = ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, width, height, 0), interpolation="bilinear")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{region} · view {col + 1}", fontsize=8)
+        fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, label="attention share")
+    fig.suptitle(f"{analysis['id']}: attention on the base tile, mean over {layers}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_confidence_histogram(records: list[dict], path):
+    """Histogram of each region's mean token probability in a predictions file (regions without tokens counted)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for region in REGIONS:
+        values = [r["confidence"][region] for r in records if r["confidence"][region] is not None]
+        ax.hist(values, bins=20, range=(0, 1), histtype="step",
+                label=f"{region} (n={len(values)}, no tokens={len(records) - len(values)})")
+    ax.set(xlabel="mean token probability of the region", ylabel="studies",
+           title=f"Token confidence per region ({_count(len(records), 'study')})")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if records:
+        ax.legend(fontsize=8)
+    else:
+        _nothing(ax, "no predictions")
+    return _save(fig, path)
+
+
+# ---- notebook 04
+def _split_axes(n_splits: int):
+    return plt.subplots(1, n_splits, figsize=(6 * n_splits, 3.8), squeeze=False, sharey=True)
+
+
+def _headline_pairs(frame, system: str):
+    """The system's parsed pairs with a non-empty reference, and the splits (both, so an empty one says so)."""
+    return frame[(frame.system == system) & ~frame.ref_empty & frame.parsed], list(SPLIT_NAMES)
+
+
+def plot_region_scores(tables: dict, path):
+    """Headline GREEN per region with bootstrap 95% CIs, one bar per system; `tables`: {system: (table, ci)}."""
+    splits = list(next(iter(tables.values()))[0].index)
+    fig, axes = _split_axes(len(splits))
+    columns = list(HEADERS.values()) + ["Mean"]
+    width = 0.8 / len(tables)
+    for ax, split in zip(axes[0], splits):
+        drawn = False
+        for i, (system, (table, ci)) in enumerate(tables.items()):
+            means = table.loc[split, columns].to_numpy(float)
+            lo = means - ci.loc[split, [f"{c} lo" for c in columns]].to_numpy(float)
+            hi = ci.loc[split, [f"{c} hi" for c in columns]].to_numpy(float) - means
+            ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=[lo, hi], capsize=3, label=system)
+            drawn |= not np.isnan(means).all()
+        ax.set_xticks(np.arange(len(columns)) + width * (len(tables) - 1) / 2, columns)
+        ax.set(title=f"{split}: GREEN (reference non-empty), 95% CI", ylim=(0, 1))
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no scored pairs", ha="center", va="center", transform=ax.transAxes, color="grey")
+    axes[0][0].set_ylabel("mean GREEN")
+    return _save(fig, path)
+
+
+def plot_error_categories(frame, path, system: str = "model"):
+    """Mean count of each clinically significant error type (a)-(f) per region, over scored headline pairs."""
+    scored, splits = _headline_pairs(frame, system)
+    fig, axes = _split_axes(len(splits))
+    width = 0.8 / len(REGIONS)
+    for ax, split in zip(axes[0], splits):
+        part = scored[scored.split == split]
+        ax.set_title(f"{SPLIT_NAMES[split]}: significant errors per pair ({_count(len(part), 'scored pair')})")
+        if not len(part):
+            _nothing(ax, "no scored pairs")
+            continue
+        for i, region in enumerate(REGIONS):
+            counts = part[part.region == region][[f"error_{c}" for c in ERROR_CATEGORIES]].mean()
+            ax.bar(np.arange(6) + i * width, counts.to_numpy(float), width, label=HEADERS[region])
+        ax.set_xticks(np.arange(6) + width * 1.5, list(ERROR_NAMES.values()), rotation=25, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("mean count")
+    fig.text(0.01, 0.01, "GREEN's categories: " + "; ".join(green_scorer().sub_categories), fontsize=6, wrap=True)
+    return _save(fig, path)
+
+
+def plot_score_distribution(frame, path, system: str = "model"):
+    """Histogram of per-pair GREEN (headline pairs) per region."""
+    scored, splits = _headline_pairs(frame, system)
+    fig, axes = _split_axes(len(splits))
+    for ax, split in zip(axes[0], splits):
+        part = scored[scored.split == split]
+        ax.set(title=f"{SPLIT_NAMES[split]}: GREEN per pair ({_count(len(part), 'scored pair')})", xlabel="GREEN")
+        if not len(part):
+            _nothing(ax, "no scored pairs")
+            continue
+        for region in REGIONS:
+            ax.hist(part[part.region == region].green, bins=np.linspace(0, 1, 11), histtype="step", linewidth=1.5,
+                    label=HEADERS[region])
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("pairs")
+    return _save(fig, path)
+
+
+def plot_confidence_vs_green(frame, path, system: str = "model"):
+    """Token probability of each region (notebook 03) against GREEN and against false findings (a)."""
+    scored = frame[(frame.system == system) & frame.parsed & frame.confidence.notna()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for region in REGIONS:
+        part = scored[scored.region == region]
+        left.scatter(part.confidence, part.green, s=12, alpha=0.6, label=HEADERS[region])
+    left.set(xlabel="mean token probability of the region", ylabel="GREEN",
+             title=f"Confidence vs GREEN ({_count(len(scored), 'scored pair')})")
+    groups = [scored.confidence[scored.error_a == 0], scored.confidence[scored.error_a > 0]]
+    right.set(ylabel="mean token probability", title="Do false findings come with lower token probability?")
+    if not len(scored):
+        _nothing(left, "no scored pairs")
+        _nothing(right, "no scored pairs")
+        return _save(fig, path)
+    left.legend(fontsize=8)
+    right.boxplot([g.to_numpy(float) for g in groups])
+    right.set_xticks([1, 2], [f"no false finding (n={len(groups[0])})", f"false finding (n={len(groups[1])})"])
+    return _save(fig, path)

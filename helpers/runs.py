@@ -1,0 +1,125 @@
+"""Where every artifact lives: the one owner of the layout under ARTIFACTS_DIR.
+
+    regions/        val_regions.json, annotation_with_val.json, cache.jsonl      (notebook 01)
+    models/         tiny-llava/, tiny-green-judge/                              (demo stand-ins)
+    train/<run>/    config.json, metrics.json, loss.png, adapter/, checkpoints/ (notebook 02)
+    generate/<run>/ predictions_val.jsonl, predictions_test.jsonl, attention/  (notebook 03)
+    eval/           green_cache.jsonl, retrieval_neighbors.json                 (notebook 04, shared by runs)
+    eval/<run>/     green tables, per-pair judgments, plots/                    (notebook 04)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLIT_NAMES = {"val": "Validation", "test": "Testing"}  # the splits generated and scored, as tables name them
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run and everything made from it, by name."""
+    artifacts_dir: Path
+    name: str
+
+    @property
+    def train_dir(self) -> Path:
+        return self.artifacts_dir / "train" / self.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.train_dir / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.train_dir / "metrics.json"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.train_dir / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.train_dir / "checkpoints"
+
+    @property
+    def trained(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
+    @property
+    def config(self) -> dict:
+        """The run's settings as notebook 02 wrote them."""
+        if not self.config_path.is_file():
+            raise FileNotFoundError(f"{self.config_path} not found: train run {self.name!r} with notebook 02 first "
+                                    f"(or check RUN_NAME)")
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    @property
+    def generate_dir(self) -> Path:
+        return self.artifacts_dir / "generate" / self.name
+
+    def predictions(self, split: str) -> Path:
+        return self.generate_dir / f"predictions_{split}.jsonl"
+
+    @property
+    def attention_dir(self) -> Path:
+        return self.generate_dir / "attention"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.artifacts_dir / "eval" / self.name
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The artifact folder of a project (Drive in Colab, artifacts/ here)."""
+    root: Path
+
+    @property
+    def regions_dir(self) -> Path:
+        return self.root / "regions"
+
+    @property
+    def split_annotation(self) -> Path:
+        """annotation.json with notebook 01's region split of the val reports."""
+        return self.regions_dir / "annotation_with_val.json"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def judge_cache(self) -> Path:
+        return self.root / "eval" / "green_cache.jsonl"
+
+    @property
+    def retrieval_neighbors(self) -> Path:
+        return self.root / "eval" / "retrieval_neighbors.json"
+
+    def run(self, name: str) -> Run:
+        return Run(self.root, name)
+
+    def runs(self, with_predictions: bool = False) -> list[Run]:
+        """Every run with a config.json (or with both predictions files), oldest first."""
+        stage, marker = ("generate", "predictions_test.jsonl") if with_predictions else ("train", "config.json")
+        found = sorted((self.root / stage).glob(f"*/{marker}"), key=lambda p: p.stat().st_mtime)
+        return [r for r in (self.run(p.parent.name) for p in found)
+                if not with_predictions or all(r.predictions(s).is_file() for s in SPLIT_NAMES)]
+
+    def find_run(self, name: str | None = None, *, with_predictions: bool = False) -> Run:
+        """The run named `name`, or the only one there is: trained (notebook 03) or with predictions (notebook 04)."""
+        if with_predictions:
+            ready, missing = self.runs(with_predictions=True), "no predictions yet: run notebook 03"
+        else:
+            ready, missing = [r for r in self.runs() if r.trained], "no trained run yet: train one with notebook 02"
+        names = [r.name for r in ready]
+        if name is not None and name in names:
+            return self.run(name)
+        if name is None and len(ready) == 1:
+            return ready[0]
+        if not ready:
+            raise FileNotFoundError(f"{self.root}: {missing}" + (f" (RUN_NAME={name!r})" if name else ""))
+        if name is None:
+            raise ValueError(f"{self.root}: several runs: set RUN_NAME to one of {names}")
+        raise FileNotFoundError(f"{self.root}: run {name!r} is not ready ({missing}, or set RUN_NAME to one of "
+                                f"{names})")

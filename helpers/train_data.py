@@ -1,0 +1,64 @@
+"""Notebook 02's data: the held-out slice for model selection, the training conversations, the token budget."""
+from __future__ import annotations
+
+import statistics
+
+from datasets import Dataset, Image, List
+from PIL import Image as PILImage
+
+from .modeling import image_tokens_per_view
+from .reports import format_report, user_message
+from .storage import sha256
+
+
+def holdout_split(studies, fraction: float = 0.05, min_count: int = 2):
+    """(train, holdout) from the train split only; a study's side depends on its id alone, so reruns agree."""
+    wrong = [s.id for s in studies if s.split != "train"]
+    if wrong:
+        raise ValueError(f"model selection uses a slice of the train split only; got non-train studies {wrong[:5]}")
+    ranked = sorted(studies, key=lambda s: sha256("holdout", s.id))
+    held = {s.id for s in ranked[:max(min_count, round(len(studies) * fraction))]}
+    return [s for s in studies if s.id not in held], [s for s in studies if s.id in held]
+
+
+def conversation(study, max_views: int) -> list[dict]:
+    """The training conversation: the shared user turn, then the four-region target."""
+    target = format_report(study.regions)
+    return [user_message(len(study.image_paths[:max_views])),
+            {"role": "assistant", "content": [{"type": "text", "text": target}]}]
+
+
+def build_dataset(studies, max_views: int):
+    """`messages` + `images`; images stay paths until read, decoded to RGB by `datasets` (memory stays flat)."""
+    rows = [{"messages": conversation(s, max_views), "images": [str(p) for p in s.image_paths[:max_views]]}
+            for s in studies]
+    return Dataset.from_list(rows).cast_column("images", List(Image(mode="RGB")))
+
+
+def token_counts(studies, processor, max_views: int) -> list[dict]:
+    """Per study: image tokens (from each view's size), text tokens and their total, as the trainer will see them.
+
+    Reads only image headers, so it is fast on the full data set. `processor` must carry the training template.
+    """
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    counts = []
+    for study in studies:
+        image_tokens = 0
+        for path in study.image_paths[:max_views]:
+            with PILImage.open(path) as image:
+                image_tokens += image_tokens_per_view(processor, *image.size)
+        messages = conversation(study, max_views)
+        text = processor.apply_chat_template(messages, tokenize=False)
+        ids = processor.tokenizer(text, add_special_tokens=False).input_ids
+        target = processor.tokenizer(messages[1]["content"][0]["text"], add_special_tokens=False).input_ids
+        text_tokens = sum(1 for i in ids if i != image_token)
+        counts.append({"id": study.id, "image_tokens": image_tokens, "text_tokens": text_tokens,
+                       "target_tokens": len(target) + 1, "total": image_tokens + text_tokens})  # +1: </s>
+    return counts
+
+
+def describe(values: list[int]) -> str:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return (f"n={len(ordered)} min={ordered[0]} median={statistics.median(ordered):g} p95={p95} "
+            f"max={ordered[-1]}")
