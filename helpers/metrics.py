@@ -1,0 +1,100 @@
+"""Report-level NLG metrics as R2Gen / R2GenGPT report them, and a paired bootstrap of two systems over studies."""
+from __future__ import annotations
+
+import math
+import shutil
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def meteor_unavailable_reason() -> str | None:
+    """Why METEOR cannot be computed here, or None when it can (pycocoevalcap runs it as a Java subprocess)."""
+    if shutil.which("java"):
+        return None
+    return "n/a: no Java (`java` is not on PATH; pycocoevalcap's METEOR runs a Java jar)"
+
+
+def _normalize(text: str) -> str:
+    # Lower-cased as R2Gen's reports are. Whitespace collapsed: ROUGE-L splits on single spaces (a double space would
+    # be an empty token) and METEOR talks to Java one line per pair (a newline would break that protocol).
+    return " ".join(text.lower().split())
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()  # a fresh JVM per call: 10-15 s to load its paraphrase table, ~1 GB resident while it runs
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    except (OSError, ValueError) as e:  # Java died or never started: a broken pipe, or an empty line for a score
+        meteor.meteor_p.kill()
+        raise RuntimeError("METEOR's Java process failed: "
+                           f"{meteor.meteor_p.stderr.read().decode(errors='replace')[-1000:]}") from e
+    finally:
+        # pycocoevalcap keeps its lock when scoring fails, and its __del__ would then wait on it forever
+        if meteor.lock.locked():
+            meteor.lock.release()
+        meteor.meteor_p.kill()  # free the JVM now, not at garbage collection
+
+
+def nlg_metrics(references: list[str], hypotheses: list[str]) -> dict:
+    """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr of hypotheses against one reference each, plus pair counts.
+
+    As R2Gen and R2GenGPT score: pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on dicts keyed by pair index,
+    texts lower-cased and split on whitespace, no PTB tokenizer (so "size." and "size" differ for BLEU, ROUGE-L and
+    CIDEr; METEOR normalizes punctuation itself). R2Gen's texts reach the scorers already cleaned by its tokenizer
+    (punctuation stripped, sentences joined by " . "): clean texts that way for numbers comparable to its papers.
+    METEOR is None without Java (`meteor_unavailable_reason()` says why).
+    Empty reference: the pair is not scored, only counted (pycocoevalcap would give it ROUGE-L 1 but BLEU and CIDEr 0).
+    Empty hypothesis, non-empty reference: scored as a miss (0 per pair) and counted. No pair left: NaN metrics.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    pairs = [(ref, hyp) for ref, hyp in zip(map(_normalize, references), map(_normalize, hypotheses)) if ref]
+    counts = {"pairs": len(pairs), "empty_references": len(references) - len(pairs),
+              "empty_hypotheses": sum(not hyp for _, hyp in pairs)}
+    scores = dict.fromkeys(METRICS, math.nan)
+    if meteor_unavailable_reason():
+        scores["METEOR"] = None
+    if pairs:
+        gts = {i: [ref] for i, (ref, _) in enumerate(pairs)}
+        res = {i: [hyp] for i, (_, hyp) in enumerate(pairs)}
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        scores.update({f"BLEU-{n}": float(b) for n, b in enumerate(bleu, 1)})
+        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        if scores["METEOR"] is not None:
+            scores["METEOR"] = _meteor(gts, res)
+    return {**scores, **counts}
+
+
+def paired_bootstrap(scores_a, scores_b, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Paired bootstrap of system b against system a over studies (higher scores better).
+
+    `scores_a` and `scores_b`: one score per study, aligned by position, NaN where that system's study is not scored;
+    only studies scored for both are paired (`studies`; the rest are counted in `unpaired`). Returns the mean
+    difference `b_minus_a`, its percentile 95% interval `ci95` (resampling paired studies with replacement), and the
+    shares of paired studies where a scores higher (`a_wins`), the same (`ties`, exact equality) or lower (`a_loses`).
+    """
+    import numpy as np
+
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"expected two 1-D arrays of the same length, got shapes {a.shape} and {b.shape}")
+    paired = ~np.isnan(a) & ~np.isnan(b)
+    a, b = a[paired], b[paired]
+    out = {"studies": len(a), "unpaired": int((~paired).sum())}
+    if not len(a):
+        return {**out, "mean_a": math.nan, "mean_b": math.nan, "b_minus_a": math.nan, "ci95": (math.nan, math.nan),
+                "a_wins": math.nan, "ties": math.nan, "a_loses": math.nan}
+    diff = b - a
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {**out, "mean_a": float(a.mean()), "mean_b": float(b.mean()), "b_minus_a": float(diff.mean()),
+            "ci95": (float(low), float(high)), "a_wins": float((a > b).mean()), "ties": float((a == b).mean()),
+            "a_loses": float((a < b).mean())}
