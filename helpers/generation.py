@@ -49,6 +49,11 @@ def region_token_indices(tokenizer, ids: list[int]) -> dict[str, list[int]]:
     return out
 
 
+def default_max_new_tokens(run_config: dict) -> int:
+    """1.5x the longest training target (notebook 02 records it): a report much longer is a repetition loop."""
+    return round(1.5 * run_config["target_tokens_max"]) if "target_tokens_max" in run_config else 256
+
+
 def generated_length(model, ids: list[int]) -> int:
     """Tokens up to and including the first end-of-sequence token (the rest is padding of finished rows)."""
     eos = model.generation_config.eos_token_id

@@ -10,18 +10,24 @@ import pandas as pd
 
 from .data import REGIONS, DataError
 from .judge import Judge, score_response
-from .reports import HEADERS
+from .metrics import paired_bootstrap
+from .reports import HEADERS, REPORT, whole_report
 from .runs import SPLIT_NAMES
 from .storage import atomic_write_text
 
+SCORED = (*REGIONS, REPORT)
+COLUMNS = {**HEADERS, REPORT: "Whole report"}  # one pair per study, as whole-findings leaderboards score
+TABLE_COLUMNS = [*HEADERS.values(), "Mean", COLUMNS[REPORT]]
 PROTOCOL = ("Headline: per region, the mean GREEN over the studies whose reference for that region is non-empty. "
             "Raw mean: over all studies (GREEN's compute_green returns 0 whenever the judge counts 0 matched "
             "findings, so a both-empty pair scores 0 when its answer parses). Unparseable judge answers are failures: "
-            "counted, never averaged. 'others' is never scored. Mean column: mean of the four region means.")
+            "counted, never averaged. 'others' is never scored. Mean column: mean of the four region means. "
+            "Whole report: the four regions joined in a fixed order, against the references joined the same way.")
 
 
 def region_pairs(system: str, split: str, references: list, predictions: dict[str, dict]) -> list[dict]:
-    """One row per (study, region): reference and candidate text; studies without a prediction are named once."""
+    """One row per (study, region or whole report): reference and candidate text; studies without a prediction are
+    named once."""
     rows, missing = [], []
     for study in references:
         if study.regions is None:
@@ -31,10 +37,11 @@ def region_pairs(system: str, split: str, references: list, predictions: dict[st
             missing.append(study.id)
             continue
         confidence = prediction.get("confidence") or {}
-        for region in REGIONS:
-            rows.append({"system": system, "split": split, "id": study.id, "region": region,
-                         "reference": study.regions[region], "candidate": prediction["regions"][region],
-                         "confidence": confidence.get(region)})
+        for region in SCORED:
+            reference, candidate = ((whole_report(study.regions), whole_report(prediction["regions"]))
+                                    if region == REPORT else (study.regions[region], prediction["regions"][region]))
+            rows.append({"system": system, "split": split, "id": study.id, "region": region, "reference": reference,
+                         "candidate": candidate, "confidence": confidence.get(region)})
     if missing:
         print(f"WARNING {system}/{split}: {len(missing)} of {len(references)} studies have no prediction and are "
               f"not scored: {', '.join(missing[:20])}{' …' if len(missing) > 20 else ''}")
@@ -82,7 +89,7 @@ def region_stats(frame):
 def _headline_matrix(frame):
     """Studies x regions of headline scores; NaN where the reference is empty or the answer did not parse."""
     scores = frame.green.where(~frame.ref_empty & frame.parsed).astype(float)
-    return frame.assign(score=scores).pivot(index="id", columns="region", values="score").reindex(columns=list(REGIONS))
+    return frame.assign(score=scores).pivot(index="id", columns="region", values="score").reindex(columns=list(SCORED))
 
 
 def _region_means(matrix):
@@ -92,12 +99,12 @@ def _region_means(matrix):
 
 
 def bootstrap_ci(frame, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Percentile 95% intervals of the headline means, resampling studies (all four regions together)."""
+    """Percentile 95% intervals of the headline means, resampling studies (regions and whole report together)."""
     matrix = _headline_matrix(frame).to_numpy()
     rng = np.random.default_rng(seed)
-    samples = _region_means(matrix[rng.integers(0, len(matrix), size=(n_boot, len(matrix)))])  # n_boot x 4
-    columns = [HEADERS[r] for r in REGIONS] + ["Mean"]
-    samples = np.column_stack([samples, samples.mean(axis=1)])
+    samples = _region_means(matrix[rng.integers(0, len(matrix), size=(n_boot, len(matrix)))])  # n_boot x 5
+    columns = [COLUMNS[r] for r in REGIONS] + ["Mean", COLUMNS[REPORT]]
+    samples = np.column_stack([samples[:, :len(REGIONS)], samples[:, :len(REGIONS)].mean(axis=1), samples[:, -1]])
     out = {}
     for i, column in enumerate(columns):
         values = samples[:, i][~np.isnan(samples[:, i])]
@@ -105,16 +112,16 @@ def bootstrap_ci(frame, n_boot: int = 1000, seed: int = 0) -> dict:
     return out
 
 
-def green_tables(frame, stats, system: str = "model", n_boot: int = 1000, seed: int = 0):
-    """(table, ci) of one system: index Validation/Testing; columns Lung, Heart, Mediastinal, Bone, Mean.
+def green_tables(frame, stats, system: str, n_boot: int = 1000, seed: int = 0):
+    """(table, ci) of one system: index Validation/Testing; columns Lung, Heart, Mediastinal, Bone, Mean, Whole report.
 
     Mean is the mean of the four region means (n/a if a region has none); ci has columns `<column> lo/hi`.
     """
     mine = stats[stats.system == system]
     table = mine.pivot(index="split", columns="region", values="green").reindex(
-        index=[s for s in SPLIT_NAMES if s in set(mine.split)], columns=list(REGIONS))
-    table["Mean"] = table.mean(axis=1, skipna=False)
-    table = table.rename(index=SPLIT_NAMES, columns=HEADERS).rename_axis(index=None, columns=None)
+        index=[s for s in SPLIT_NAMES if s in set(mine.split)], columns=list(SCORED))
+    table.insert(len(REGIONS), "Mean", table[list(REGIONS)].mean(axis=1, skipna=False))
+    table = table.rename(index=SPLIT_NAMES, columns=COLUMNS).rename_axis(index=None, columns=None)
     ci = {SPLIT_NAMES[split]: {f"{c} {end}": v for c, bounds in bootstrap_ci(
               frame[(frame.system == system) & (frame.split == split)], n_boot, seed).items()
               for end, v in zip(("lo", "hi"), bounds)}
@@ -137,28 +144,70 @@ def markdown_table(table, ci=None, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(frame, stats, tables: dict, out_dir: str | Path) -> list[Path]:
-    """Everything notebook 04 reports, written atomically from the cache (a rerun rewrites the same files).
+def compare_table(tables: dict):
+    """Every system's table and intervals in one frame: rows (system, split), columns TABLE_COLUMNS then lo/hi."""
+    return pd.concat({system: table.join(ci) for system, (table, ci) in tables.items()}, names=["system", "split"])
 
-    green_table.csv / green_table_ci.csv: the model; green_{val,test}.jsonl: its per-pair judgments;
-    green_stats.csv: protocol counts of every system; green_table_systems.csv and baseline_green_{val,test}.jsonl:
-    the baselines.
+
+def paired_differences(frame, runs: list[str], reference: str, n_boot: int = 1000, seed: int = 0):
+    """Each run against `reference`, per split and region (and whole report): the mean headline difference over the
+    studies both score, its paired-bootstrap 95% interval, and the shares of studies the run wins, ties, loses."""
+    rows = []
+    for run in runs:
+        if run == reference:
+            continue
+        for split in SPLIT_NAMES:
+            base = _headline_matrix(frame[(frame.system == reference) & (frame.split == split)])
+            other = _headline_matrix(frame[(frame.system == run) & (frame.split == split)]).reindex(base.index)
+            for region in SCORED:
+                result = paired_bootstrap(base[region].to_numpy(), other[region].to_numpy(), n_boot, seed)
+                low, high = result["ci95"]
+                rows.append({"run": run, "reference": reference, "split": SPLIT_NAMES[split],
+                             "region": COLUMNS[region], "studies": result["studies"],
+                             "difference": result["b_minus_a"], "ci_lo": low, "ci_hi": high,
+                             "excludes_0": bool(low > 0 or high < 0), "wins": result["a_loses"],
+                             "ties": result["ties"], "losses": result["a_wins"]})
+    return pd.DataFrame(rows, columns=["run", "reference", "split", "region", "studies", "difference", "ci_lo",
+                                       "ci_hi", "excludes_0", "wins", "ties", "losses"])
+
+
+def differences_in_words(diff) -> str:
+    """The paired differences whose 95% interval excludes 0, one line each (or a line saying there are none)."""
+    real = diff[diff.excludes_0]
+    if real.empty:
+        return f"No difference excludes 0 ({len(diff)} run x split x region comparisons)."
+    return "\n".join(f"{r.run} vs {r.reference}, {r.split}, {r.region}: {r.difference:+.3f} "
+                     f"[{r.ci_lo:+.3f}, {r.ci_hi:+.3f}] over {r.studies} studies (wins {r.wins:.0%}, ties "
+                     f"{r.ties:.0%}, losses {r.losses:.0%})" for r in real.itertuples())
+
+
+def write_outputs(frame, stats, tables: dict, diff, nlg, artifacts, runs: list[str]) -> list[Path]:
+    """Everything notebook 04 reports, written atomically (a rerun rewrites the same files from the judge cache).
+
+    Per run, in eval/<run>/: green_table.csv, green_table_ci.csv, green_{val,test}.jsonl (its per-pair judgments).
+    In eval/compare/: green_compare.csv (every system), green_diff.csv, nlg.csv, green_stats.csv and
+    baseline_green_{val,test}.jsonl.
     """
-    out_dir = Path(out_dir)
-    files = {"green_table.csv": tables["model"][0].to_csv(), "green_table_ci.csv": tables["model"][1].to_csv(),
-             "green_stats.csv": stats.to_csv(index=False),
-             "green_table_systems.csv": pd.concat({k: t for k, (t, _) in tables.items()}, names=["system", "split"]).to_csv()}
+    files = {artifacts.compare_dir / "green_compare.csv": compare_table(tables).to_csv(),
+             artifacts.compare_dir / "green_diff.csv": diff.to_csv(index=False),
+             artifacts.compare_dir / "nlg.csv": nlg.to_csv(index=False),
+             artifacts.compare_dir / "green_stats.csv": stats.to_csv(index=False)}
     for split in SPLIT_NAMES:
         part = frame[frame.split == split]
-        files[f"green_{split}.jsonl"] = part[part.system == "model"].to_json(orient="records", lines=True, force_ascii=False)
-        files[f"baseline_green_{split}.jsonl"] = part[part.system != "model"].to_json(orient="records", lines=True,
-                                                                                      force_ascii=False)
-    for name, text in files.items():
-        atomic_write_text(out_dir / name, text)
-    return [out_dir / name for name in files]
+        files[artifacts.compare_dir / f"baseline_green_{split}.jsonl"] = part[~part.system.isin(runs)].to_json(
+            orient="records", lines=True, force_ascii=False)
+        for run in runs:
+            files[artifacts.run(run).eval_dir / f"green_{split}.jsonl"] = part[part.system == run].to_json(
+                orient="records", lines=True, force_ascii=False)
+    for run in runs:
+        files[artifacts.run(run).eval_dir / "green_table.csv"] = tables[run][0].to_csv()
+        files[artifacts.run(run).eval_dir / "green_table_ci.csv"] = tables[run][1].to_csv()
+    for path, text in files.items():
+        atomic_write_text(path, text)
+    return list(files)
 
 
-def confidence_vs_errors(frame, system: str = "model"):
+def confidence_vs_errors(frame, system: str):
     """Per region: mean token probability of pairs with and without a false finding (a), and their counts."""
     scored = frame[(frame.system == system) & frame.parsed & frame.confidence.notna()]
     rows = []

@@ -3,6 +3,17 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+
+from .data import REGIONS
+from .reports import REPORT, whole_report
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -20,16 +31,16 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _meteor(gts: dict, res: dict) -> float:
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    meteor = Meteor()  # a fresh JVM per call: 10-15 s to load its paraphrase table, ~1 GB resident while it runs
+@contextmanager
+def meteor_scorer(enabled: bool = True):
+    """One METEOR JVM for a block of calls (10-15 s to load its paraphrase table, ~1 GB resident while it lives),
+    stopped at the end of the block even after an error; None when disabled or without Java."""
+    if not enabled or meteor_unavailable_reason():
+        yield None
+        return
+    meteor = Meteor()
     try:
-        return float(meteor.compute_score(gts, res)[0])
-    except (OSError, ValueError) as e:  # Java died or never started: a broken pipe, or an empty line for a score
-        meteor.meteor_p.kill()
-        raise RuntimeError("METEOR's Java process failed: "
-                           f"{meteor.meteor_p.stderr.read().decode(errors='replace')[-1000:]}") from e
+        yield meteor
     finally:
         # pycocoevalcap keeps its lock when scoring fails, and its __del__ would then wait on it forever
         if meteor.lock.locked():
@@ -37,29 +48,38 @@ def _meteor(gts: dict, res: dict) -> float:
         meteor.meteor_p.kill()  # free the JVM now, not at garbage collection
 
 
-def nlg_metrics(references: list[str], hypotheses: list[str]) -> dict:
+def _meteor(meteor, gts: dict, res: dict) -> float:
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    except (OSError, ValueError) as e:  # Java died or never started: a broken pipe, or an empty line for a score
+        meteor.meteor_p.kill()
+        raise RuntimeError("METEOR's Java process failed: "
+                           f"{meteor.meteor_p.stderr.read().decode(errors='replace')[-1000:]}") from e
+
+
+def nlg_metrics(references: list[str], hypotheses: list[str], meteor: bool = True) -> dict:
     """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr of hypotheses against one reference each, plus pair counts.
 
     As R2Gen and R2GenGPT score: pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on dicts keyed by pair index,
     texts lower-cased and split on whitespace, no PTB tokenizer (so "size." and "size" differ for BLEU, ROUGE-L and
     CIDEr; METEOR normalizes punctuation itself). R2Gen's texts reach the scorers already cleaned by its tokenizer
     (punctuation stripped, sentences joined by " . "): clean texts that way for numbers comparable to its papers.
-    METEOR is None without Java (`meteor_unavailable_reason()` says why).
+    METEOR is None without Java (`meteor_unavailable_reason()` says why) or with `meteor=False` (its JVM takes
+    10-15 s to start: too slow for a check after every training stage).
     Empty reference: the pair is not scored, only counted (pycocoevalcap would give it ROUGE-L 1 but BLEU and CIDEr 0).
     Empty hypothesis, non-empty reference: scored as a miss (0 per pair) and counted. No pair left: NaN metrics.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+    with meteor_scorer(meteor) as scorer:
+        return _scores(references, hypotheses, scorer)
 
+
+def _scores(references: list[str], hypotheses: list[str], meteor) -> dict:
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     pairs = [(ref, hyp) for ref, hyp in zip(map(_normalize, references), map(_normalize, hypotheses)) if ref]
     counts = {"pairs": len(pairs), "empty_references": len(references) - len(pairs),
               "empty_hypotheses": sum(not hyp for _, hyp in pairs)}
-    scores = dict.fromkeys(METRICS, math.nan)
-    if meteor_unavailable_reason():
-        scores["METEOR"] = None
+    scores = {**dict.fromkeys(METRICS, math.nan), "METEOR": None if meteor is None else math.nan}
     if pairs:
         gts = {i: [ref] for i, (ref, _) in enumerate(pairs)}
         res = {i: [hyp] for i, (_, hyp) in enumerate(pairs)}
@@ -67,9 +87,28 @@ def nlg_metrics(references: list[str], hypotheses: list[str]) -> dict:
         scores.update({f"BLEU-{n}": float(b) for n, b in enumerate(bleu, 1)})
         scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
         scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-        if scores["METEOR"] is not None:
-            scores["METEOR"] = _meteor(gts, res)
+        if meteor is not None:
+            scores["METEOR"] = _meteor(meteor, gts, res)
     return {**scores, **counts}
+
+
+def nlg_table(systems: dict[str, dict[str, dict]], references: dict[str, list], meteor: bool = True):
+    """nlg_metrics per system, split and region, and of the whole report (the four regions joined), one JVM for all.
+
+    `systems`: {system: {split: predictions by study id}}; `references`: {split: studies}. Studies without a
+    prediction are left out (notebook 04 names them).
+    """
+    rows = []
+    with meteor_scorer(meteor) as scorer:
+        for system, by_split in systems.items():
+            for split, predictions in by_split.items():
+                scored = [s for s in references[split] if s.id in predictions]
+                for region in (*REGIONS, REPORT):
+                    texts = [(whole_report(s.regions), whole_report(predictions[s.id]["regions"])) if region == REPORT
+                             else (s.regions[region], predictions[s.id]["regions"][region]) for s in scored]
+                    rows.append({"system": system, "split": split, "region": region,
+                                 **_scores([r for r, _ in texts], [h for _, h in texts], scorer)})
+    return pd.DataFrame(rows)
 
 
 def paired_bootstrap(scores_a, scores_b, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -80,8 +119,6 @@ def paired_bootstrap(scores_a, scores_b, n_boot: int = 1000, seed: int = 0) -> d
     difference `b_minus_a`, its percentile 95% interval `ci95` (resampling paired studies with replacement), and the
     shares of paired studies where a scores higher (`a_wins`), the same (`ties`, exact equality) or lower (`a_loses`).
     """
-    import numpy as np
-
     a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
     if a.ndim != 1 or a.shape != b.shape:
         raise ValueError(f"expected two 1-D arrays of the same length, got shapes {a.shape} and {b.shape}")

@@ -121,35 +121,42 @@ def _split_axes(n_splits: int):
 
 
 def _headline_pairs(frame, system: str):
-    """The system's parsed pairs with a non-empty reference, and the splits (both, so an empty one says so)."""
-    return frame[(frame.system == system) & ~frame.ref_empty & frame.parsed], list(SPLIT_NAMES)
+    """The system's parsed region pairs with a non-empty reference, and the splits (both: an empty one says so)."""
+    return (frame[(frame.system == system) & frame.region.isin(REGIONS) & ~frame.ref_empty & frame.parsed],
+            list(SPLIT_NAMES))
 
 
-def plot_region_scores(tables: dict, path):
-    """Headline GREEN per region with bootstrap 95% CIs, one bar per system; `tables`: {system: (table, ci)}."""
+def plot_region_scores(tables: dict, runs: list[str], path):
+    """Headline GREEN per region and whole report, one bar per run with its bootstrap 95% CI, the other systems
+    (baselines) as horizontal marks; `tables`: {system: (table, ci)}."""
     splits = list(next(iter(tables.values()))[0].index)
+    columns = list(next(iter(tables.values()))[0].columns)
     fig, axes = _split_axes(len(splits))
-    columns = list(HEADERS.values()) + ["Mean"]
-    width = 0.8 / len(tables)
+    width = 0.8 / len(runs)
+    x = np.arange(len(columns))
     for ax, split in zip(axes[0], splits):
         drawn = False
-        for i, (system, (table, ci)) in enumerate(tables.items()):
+        for i, run in enumerate(runs):
+            table, ci = tables[run]
             means = table.loc[split, columns].to_numpy(float)
             lo = means - ci.loc[split, [f"{c} lo" for c in columns]].to_numpy(float)
             hi = ci.loc[split, [f"{c} hi" for c in columns]].to_numpy(float) - means
-            ax.bar(np.arange(len(columns)) + i * width, means, width, yerr=[lo, hi], capsize=3, label=system)
+            ax.bar(x - 0.4 + (i + 0.5) * width, means, width, yerr=[lo, hi], capsize=3, label=run)
             drawn |= not np.isnan(means).all()
-        ax.set_xticks(np.arange(len(columns)) + width * (len(tables) - 1) / 2, columns)
+        for j, system in enumerate(s for s in tables if s not in runs):
+            values = tables[system][0].loc[split, columns].to_numpy(float)
+            ax.hlines(values, x - 0.45, x + 0.45, colors=f"C{len(runs) + j}", linestyles="--", label=system)
+        ax.set_xticks(x, columns, rotation=20, ha="right")
         ax.set(title=f"{split}: GREEN (reference non-empty), 95% CI", ylim=(0, 1))
         if drawn:
-            ax.legend()
+            ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no scored pairs", ha="center", va="center", transform=ax.transAxes, color="grey")
     axes[0][0].set_ylabel("mean GREEN")
     return _save(fig, path)
 
 
-def plot_error_categories(frame, path, system: str = "model"):
+def plot_error_categories(frame, path, system: str):
     """Mean count of each clinically significant error type (a)-(f) per region, over scored headline pairs."""
     scored, splits = _headline_pairs(frame, system)
     fig, axes = _split_axes(len(splits))
@@ -170,7 +177,7 @@ def plot_error_categories(frame, path, system: str = "model"):
     return _save(fig, path)
 
 
-def plot_score_distribution(frame, path, system: str = "model"):
+def plot_score_distribution(frame, path, system: str):
     """Histogram of per-pair GREEN (headline pairs) per region."""
     scored, splits = _headline_pairs(frame, system)
     fig, axes = _split_axes(len(splits))
@@ -189,9 +196,9 @@ def plot_score_distribution(frame, path, system: str = "model"):
     return _save(fig, path)
 
 
-def plot_confidence_vs_green(frame, path, system: str = "model"):
+def plot_confidence_vs_green(frame, path, system: str):
     """Token probability of each region (notebook 03) against GREEN and against false findings (a)."""
-    scored = frame[(frame.system == system) & frame.parsed & frame.confidence.notna()]
+    scored = frame[(frame.system == system) & frame.region.isin(REGIONS) & frame.parsed & frame.confidence.notna()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     for region in REGIONS:
         part = scored[scored.region == region]

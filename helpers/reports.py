@@ -90,3 +90,11 @@ def parse_report(text) -> tuple[dict, bool]:
         if current is not None:
             regions[current] = _clean(f"{regions[current]} {line}")
     return regions, parsed
+
+
+REPORT = "report"  # the whole report's name beside the regions, in tables and score frames
+
+
+def whole_report(regions: dict) -> str:
+    """The four regions joined in a fixed order: how whole-findings scores (GREEN, BLEU, ...) see a report."""
+    return " ".join(regions[k].strip() for k in REGIONS if regions[k].strip())

@@ -2,7 +2,9 @@
 
     python -m helpers.run_notebooks --profile demo --out artifacts/demo [-p NAME VALUE ...] [NOTEBOOK ...]
 
-Each `-p` parameter goes to the notebooks whose parameters cell declares it (as papermill's own -p does).
+Without notebook names it runs the demo chain (`DEMO_STEPS`): 01, then 02 and 03 once per preset of `DEMO_RUNS`,
+then 04, which compares the runs. Each `-p` parameter goes to the notebooks whose parameters cell declares it (as
+papermill's own -p does), over the chain's own.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from pathlib import Path
 import papermill
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+DEMO_RUNS = {"demo-two_stage": "two_stage", "demo-qlora": "qlora"}  # two presets, so notebook 04 compares two runs
+DEMO_STEPS = [("01_region_prompting.ipynb", {}),
+              *[("02_sft_lora_qlora.ipynb", {"RUN_NAME": run, "PRESET": preset}) for run, preset in DEMO_RUNS.items()],
+              *[("03_generate.ipynb", {"RUN_NAME": run}) for run in DEMO_RUNS],
+              ("04_green_eval.ipynb", {})]
 
 
 def declared_parameters(name: str) -> set[str]:
@@ -22,9 +29,11 @@ def declared_parameters(name: str) -> set[str]:
 
 
 def run_notebook(name: str, artifacts_dir: str | Path, profile: str = "demo", **parameters) -> Path:
-    """Run one notebook with working directory notebooks/; the executed copy goes to `artifacts_dir/executed/`."""
+    """Run one notebook with working directory notebooks/; the executed copy goes to `artifacts_dir/executed/`,
+    named after the run when RUN_NAME is given."""
     artifacts_dir = Path(artifacts_dir).resolve()
-    executed = artifacts_dir / "executed" / name
+    run = parameters.get("RUN_NAME")
+    executed = artifacts_dir / "executed" / (name if run is None else name.replace(".ipynb", f"-{run}.ipynb"))
     executed.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(NOTEBOOKS_DIR / name), str(executed), cwd=str(NOTEBOOKS_DIR),
                                parameters={"PROFILE": profile, "ARTIFACTS_DIR": str(artifacts_dir), **parameters},
@@ -48,17 +57,17 @@ def main(argv=None) -> int:
                         help="a notebook parameter, e.g. -p VISUAL_TOKENS tile (repeatable)")
     parser.add_argument("notebooks", nargs="*", help="names to run (default: all, in order)")
     args = parser.parse_args(argv)
-    names = args.notebooks or sorted(p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    steps = [(name, {}) for name in args.notebooks] or DEMO_STEPS
     parameters = {name: _value(value) for name, value in args.parameter}
-    declared = {name: declared_parameters(name) for name in names}
+    declared = {name: declared_parameters(name) for name, _ in steps}
     unknown = set(parameters) - set().union(*declared.values())
     if unknown:
-        parser.error(f"no notebook among {names} has the parameter(s) {sorted(unknown)}")
-    for name in names:
+        parser.error(f"no notebook among {sorted(declared)} has the parameter(s) {sorted(unknown)}")
+    for name, own in steps:
         start = time.time()
-        executed = run_notebook(name, args.out, args.profile,
-                                **{k: v for k, v in parameters.items() if k in declared[name]})
-        print(f"{name}: ok in {time.time() - start:.0f}s -> {executed}")
+        given = {k: v for k, v in parameters.items() if k in declared[name]}
+        executed = run_notebook(name, args.out, args.profile, **{**own, **given})
+        print(f"{name} {own or ''}: ok in {time.time() - start:.0f}s -> {executed}")
     return 0
 
 

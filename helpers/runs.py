@@ -6,6 +6,7 @@
     generate/<run>/ predictions_val.jsonl, predictions_test.jsonl, attention/  (notebook 03)
     eval/           green_cache.jsonl, retrieval_neighbors.json                 (notebook 04, shared by runs)
     eval/<run>/     green tables, per-pair judgments, plots/                    (notebook 04)
+    eval/compare/   every run and baseline side by side, paired differences, NLG metrics, plots/
 """
 from __future__ import annotations
 
@@ -93,33 +94,48 @@ class Artifacts:
         return self.root / "eval" / "green_cache.jsonl"
 
     @property
+    def compare_dir(self) -> Path:
+        return self.root / "eval" / "compare"
+
+    @property
     def retrieval_neighbors(self) -> Path:
         return self.root / "eval" / "retrieval_neighbors.json"
 
     def run(self, name: str) -> Run:
         return Run(self.root, name)
 
-    def runs(self, with_predictions: bool = False) -> list[Run]:
-        """Every run with a config.json (or with both predictions files), oldest first."""
-        stage, marker = ("generate", "predictions_test.jsonl") if with_predictions else ("train", "config.json")
-        found = sorted((self.root / stage).glob(f"*/{marker}"), key=lambda p: p.stat().st_mtime)
-        return [r for r in (self.run(p.parent.name) for p in found)
-                if not with_predictions or all(r.predictions(s).is_file() for s in SPLIT_NAMES)]
+    def runs(self) -> list[Run]:
+        """Every run with a config.json, in the order they were started."""
+        configs = sorted((self.root / "train").glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+        return [self.run(p.parent.name) for p in configs]
 
-    def find_run(self, name: str | None = None, *, with_predictions: bool = False) -> Run:
-        """The run named `name`, or the only one there is: trained (notebook 03) or with predictions (notebook 04)."""
-        if with_predictions:
-            ready, missing = self.runs(with_predictions=True), "no predictions yet: run notebook 03"
-        else:
-            ready, missing = [r for r in self.runs() if r.trained], "no trained run yet: train one with notebook 02"
+    def find_run(self, name: str | None = None) -> Run:
+        """The trained run named `name`, or the only one there is (notebook 03)."""
+        ready = [r for r in self.runs() if r.trained]
         names = [r.name for r in ready]
-        if name is not None and name in names:
-            return self.run(name)
+        if not ready:
+            raise FileNotFoundError(f"{self.root}: no trained run yet: train one with notebook 02")
         if name is None and len(ready) == 1:
             return ready[0]
-        if not ready:
-            raise FileNotFoundError(f"{self.root}: {missing}" + (f" (RUN_NAME={name!r})" if name else ""))
         if name is None:
             raise ValueError(f"{self.root}: several runs: set RUN_NAME to one of {names}")
-        raise FileNotFoundError(f"{self.root}: run {name!r} is not ready ({missing}, or set RUN_NAME to one of "
-                                f"{names})")
+        if name not in names:
+            raise FileNotFoundError(f"{self.root}: run {name!r} is not trained: train it with notebook 02, or set "
+                                    f"RUN_NAME to one of {names}")
+        return self.run(name)
+
+    def find_runs(self, names: list[str] | None = None) -> list[Run]:
+        """The runs named, or every run with predictions for both splits in the order trained (notebook 04)."""
+        generated = [p.parent.name for p in (self.root / "generate").glob("*/predictions_test.jsonl")]
+        ready = [r for r in map(self.run, generated) if all(r.predictions(s).is_file() for s in SPLIT_NAMES)]
+        started = {r.name: i for i, r in enumerate(self.runs())}  # runs without a train folder (copied in) go last
+        ready.sort(key=lambda r: (started.get(r.name, len(started)), r.name))
+        available = [r.name for r in ready]
+        if not ready:
+            raise FileNotFoundError(f"{self.root}: no predictions yet: run notebook 03" +
+                                    (f" for {names}" if names else ""))
+        missing = [n for n in names or () if n not in available]
+        if missing:
+            raise FileNotFoundError(f"{self.root}: no predictions yet for {missing}: run notebook 03 for them, or set "
+                                    f"RUN_NAMES to some of {available}")
+        return [self.run(n) for n in names] if names else ready

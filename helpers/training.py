@@ -17,12 +17,16 @@ from peft.utils import load_peft_weights
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from .data import study_images
+from .generation import default_max_new_tokens, generate_batch
+from .metrics import nlg_metrics
 from .modeling import load_model_and_processor, training_chat_template
-from .reports import INSTRUCTION
+from .reports import INSTRUCTION, whole_report
 from .settings import get_secret, peak_gpu_memory_gb, torch_dtype
 from .storage import atomic_write_json
 from .train_data import build_dataset
 
+HOLDOUT_NLG_STUDIES = 32  # held-out studies generated after each stage for `holdout_nlg`: a cheap check, not a test
 # PEFT full-matches these against module paths such as "model.language_model.layers.0.self_attn.q_proj".
 LLM_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_TARGETS = r"model\.vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj)"
@@ -184,6 +188,18 @@ def trainable_in_fp32(model):
             param.data = before.get(name, param.data).float()
 
 
+def holdout_nlg(model, processor, config: dict, studies, limit: int = HOLDOUT_NLG_STUDIES) -> dict:
+    """A cheap generation metric of the stage's selected weights: BLEU, ROUGE-L and CIDEr of greedy whole reports on
+    the first `limit` held-out studies (no METEOR: its JVM is slow to start). Reported beside the held-out loss,
+    which alone selects the checkpoint."""
+    studies = studies[:limit]
+    model.eval()
+    records = generate_batch(model, processor, [study_images(s, config["max_views"]) for s in studies],
+                             [s.id for s in studies], max_new_tokens=default_max_new_tokens(config))
+    return nlg_metrics([whole_report(s.regions) for s in studies], [whole_report(r["regions"]) for r in records],
+                       meteor=False)
+
+
 def _check_config(run, config: dict) -> None:
     """Write config.json, or refuse to resume a run that was started with other settings."""
     if run.config_path.is_file():
@@ -247,7 +263,8 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> di
             "peak_gpu_memory_gb": peak_gpu_memory_gb(), "best_eval_loss": state.best_metric,
             "best_checkpoint": state.best_model_checkpoint and Path(state.best_model_checkpoint).name,
             "loss": [[h["step"], h["loss"]] for h in state.log_history if "loss" in h],
-            "eval_loss": [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h]}
+            "eval_loss": [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h],
+            "holdout_nlg": holdout_nlg(model, processor, config, holdout_studies)}
         atomic_write_json(done, record)
         metrics["stages"].append(record)
     # the last stage's selected weights, also when every stage had finished before this call
