@@ -71,16 +71,72 @@ def test_empty_image_folder_counts_as_missing(tmp_path):
     ('{"train": [', r"invalid JSON at line 1, column \d+"),
     ('[]', "expected an object"),
     (json.dumps({"train": [], "val": []}), "missing split 'test'"),
-    (json.dumps({**MINIMAL, "train": [{"report": {}}]}), r"train\[0\]: missing key 'id'"),
-    (json.dumps({**MINIMAL, "test": [{"id": "c", "split": "test"}]}), r"test\[0\] \(id c\): missing key 'report'"),
-    (json.dumps({**MINIMAL, "train": [{"id": "a", "report": {"lung": "x"}}]}), r"id a.*missing region key"),
-    (json.dumps({**MINIMAL, "train": [entry("a"), entry("a")]}), "duplicate study id a"),
+    (json.dumps({**MINIMAL, "train": [{"report": {}}]}), r": train\[0\]: missing key 'id'$"),
+    (json.dumps({**MINIMAL, "train": [{"id": 7, "report": {}}]}), r": train\[0\]: key 'id' must be a non-empty string"),
+    (json.dumps({**MINIMAL, "test": [{"id": "c", "split": "test"}]}), r": test\[0\] \(id c\): missing key 'report'"),
+    (json.dumps({**MINIMAL, "test": [{"id": "c", "report": "Normal."}]}),
+     r": test\[0\] \(id c\): key 'report' must be an object"),
+    (json.dumps({**MINIMAL, "val": [{"id": "b", "split": "val"}]}),
+     r": val\[0\] \(id b\): missing key 'original_report'"),
+    (json.dumps({**MINIMAL, "val": [{"id": "b", "report": entry("b")["report"]}]}),  # a report does not replace it
+     r": val\[0\] \(id b\): missing key 'original_report'"),
+    (json.dumps({**MINIMAL, "val": [{"id": "b", "original_report": ["Normal."]}]}),
+     r": val\[0\] \(id b\): key 'original_report' must be a string"),
+    (json.dumps({**MINIMAL, "train": [entry("a"), {"id": "d", "report": {"lung": "x"}}]}),
+     r": train\[1\] \(id d\): 'report' is missing region key\(s\) \['heart', 'mediastinal', 'bone', 'others'\]"),
+    (json.dumps({**MINIMAL, "test": [entry("c", "test") | {"report": entry("c")["report"] | {"bone": None}}]}),
+     r": test\[0\] \(id c\): 'report' region key\(s\) \['bone'\] must be strings"),
+    (json.dumps({**MINIMAL, "train": [entry("a"), entry("a")]}), r": train\[1\]: duplicate study id a"),
 ])
-def test_malformed_annotation_names_file_and_problem(tmp_path, annotation, message):
+def test_malformed_annotation_names_file_split_index_id_and_key(tmp_path, annotation, message):
     data = make_data(tmp_path, annotation, [])
-    with pytest.raises(DataError, match=message) as error:
-        helpers.load_studies(data)
-    assert str(data / "annotation.json") in str(error.value)
+    for read in (helpers.load_studies, lambda d: helpers.data.read_annotation(d / "annotation.json")):
+        with pytest.raises(DataError, match=message) as error:
+            read(data)
+        assert str(error.value).startswith(str(data / "annotation.json"))
+
+
+def test_read_annotation_checks_every_split_and_entry(tmp_path):
+    annotation = {**MINIMAL, "test": [entry("c", "test"), entry("e", "test"), {"id": "f", "report": {}}]}
+    data = make_data(tmp_path, annotation, [])
+    with pytest.raises(DataError, match=r"annotation.json: test\[2\] \(id f\): 'report' is missing region key"):
+        helpers.data.read_annotation(data / "annotation.json")
+
+
+def test_problem_in_the_users_file_is_named_there_not_in_the_derived_one(tmp_path):
+    broken = json.loads(json.dumps(MINIMAL))
+    del broken["test"][0]["report"]["heart"]
+    data = make_data(tmp_path, broken, ["a", "b", "c"])
+    derived = tmp_path / "annotation_with_val.json"
+    atomic_write_json(derived, broken)
+    with pytest.raises(DataError, match=r"missing region key\(s\) \['heart'\]") as error:
+        helpers.load_studies(data, annotation_path=derived)
+    assert str(error.value).startswith(f"{data / 'annotation.json'}: test[0] (id c)")
+
+
+def test_no_images_for_a_required_split_is_an_error_naming_where_they_belong(tmp_path):
+    data = make_data(tmp_path, MINIMAL, [])
+    with pytest.raises(DataError) as error:
+        helpers.load_studies(data, require_images="train")
+    assert str(error.value) == (
+        f"{data / 'images'}: none of the 1 train studies has images (3 of the 3 studies in {data / 'annotation.json'} "
+        f"lack them); expected <DATA_DIR>/images/<id>/*.png, e.g. {data / 'images' / 'a'}/*.png; "
+        f"{data / 'images'} is missing or empty")
+
+
+def test_a_nested_images_folder_is_shown_when_no_study_has_images(tmp_path):
+    data = make_data(tmp_path, MINIMAL, ["images/a"])  # unzipped one level too deep
+    with pytest.raises(DataError, match=r"none of the 1 val / 1 test studies has images .* e\.g\. .*images/b/\*\.png "
+                                        r"or .*images/c/\*\.png; .*images holds e\.g\. images$"):
+        helpers.load_studies(data, require_images=("val", "test"))
+
+
+def test_required_splits_with_images_load_and_still_warn_about_the_rest(tmp_path):
+    data = make_data(tmp_path, MINIMAL, ["a"])
+    with pytest.warns(UserWarning, match=r"2 studies .* skipped: b, c"):
+        assert [s.id for s in helpers.load_studies(data, require_images="train")] == ["a"]
+    with pytest.raises(DataError, match=r"none of the 1 test studies has images \(2 of the 3"):
+        helpers.load_studies(data, require_images=("train", "test"))
 
 
 def test_corrupt_png_is_reported_with_file_and_study(tmp_path):
@@ -92,6 +148,9 @@ def test_corrupt_png_is_reported_with_file_and_study(tmp_path):
         helpers.study_images(bad)
     with pytest.warns(UserWarning, match=r"1 studies skipped for unreadable images"):
         assert [s.id for s in helpers.readable_studies(studies)] == ["a", "c"]
+    with pytest.raises(DataError, match=r"none of the 1 studies has readable images, e.g.:\n  .*b/0.png: study b"):
+        helpers.readable_studies([bad])
+    assert helpers.readable_studies([]) == []
 
 
 def test_annotation_with_val_regions_is_accepted(tmp_path):
