@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 from .data import REGIONS
 
@@ -27,6 +28,7 @@ _INLINE = re.compile(r"(?<=[.;])\s+(?=(?:\*\*)?(?:" + _NAMES + r")(?:\*\*)?\s*:)
 _OTHER_HEADER = re.compile(_LINE_START + r"(?:others?|impressions?|findings|"
                            r"conclusions?|comparison|indications?|history|technique|recommendations?|notes?)\s*"
                            r"(?:\*\*|__)?\s*:", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def user_message(n_views: int) -> dict:
@@ -62,6 +64,11 @@ def _parse_json(text: str) -> dict | None:
     return out or None
 
 
+def _answer(text: str) -> str:
+    """The answer only: after an echoed prompt, without BOS / padding before or end-of-sequence junk after."""
+    return _JUNK.sub("", _LEADING.sub("", text.rsplit("[/INST]", 1)[-1]))
+
+
 def parse_report(text) -> tuple[dict, bool]:
     """Inverse of `format_report`, tolerant of what models really write; never raises.
 
@@ -71,7 +78,7 @@ def parse_report(text) -> tuple[dict, bool]:
     regions = {k: "" for k in REGIONS}
     if not isinstance(text, str):
         return regions, False
-    text = _JUNK.sub("", _LEADING.sub("", text.rsplit("[/INST]", 1)[-1]))  # the answer only, if the prompt is echoed
+    text = _answer(text)
     found = _parse_json(text)
     if found is not None:
         regions.update(found)
@@ -90,6 +97,27 @@ def parse_report(text) -> tuple[dict, bool]:
         if current is not None:
             regions[current] = _clean(f"{regions[current]} {line}")
     return regions, parsed
+
+
+def degenerate_reasons(text) -> list[str]:
+    """Why a generated report is degenerate even where `parse_report` counts it as parsed; [] for a usable one.
+
+    "no region header": nothing `parse_report` recognises (its parse failure); "repeated header": a region header
+    occurs more than once (e.g. "Heart:" eight times), counting headers that directly follow one another, which
+    `parse_report` reads as text; "no region text": the four regions are all empty; "repeated sentence": a sentence
+    occurs three or more times in one region, a generation loop (gold reports repeat one at most twice).
+    """
+    regions, parsed = parse_report(text)
+    headers = Counter()
+    for line in _INLINE.sub("\n", _answer(text) if isinstance(text, str) else "").splitlines():
+        while match := _HEADER.match(line):
+            headers[_SYNONYMS[match.group(1).lower()]] += 1
+            line = line[match.end():]
+    sentences = Counter((region, s.lower().rstrip(".!?")) for region, t in regions.items()
+                        for s in _SENTENCE_END.split(t) if s)  # a loop cut by the token limit ends without a stop
+    checks = {"no region header": not parsed, "repeated header": max(headers.values(), default=0) > 1,
+              "no region text": not any(regions.values()), "repeated sentence": max(sentences.values(), default=0) > 2}
+    return [reason for reason, hit in checks.items() if hit]
 
 
 REPORT = "report"  # the whole report's name beside the regions, in tables and score frames

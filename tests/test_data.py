@@ -4,7 +4,8 @@ import shutil
 import pytest
 from conftest import ROOT, SHARED_IU_XRAY, needs_shared
 
-import helpers
+from helpers.data import (ALL_REGIONS, _parse_entry, by_split, load_studies, read_annotation, readable_studies,
+                          study_images)
 from helpers.data import DataError
 from helpers.storage import JsonlStore, atomic_write_json
 
@@ -19,7 +20,7 @@ def make_data(tmp_path, annotation, image_ids):
 
 
 def entry(study_id, split="train", **regions):
-    report = {k: regions.get(k, "") for k in helpers.ALL_REGIONS}
+    report = {k: regions.get(k, "") for k in ALL_REGIONS}
     return {"id": study_id, "report": report, "split": split}
 
 
@@ -28,7 +29,7 @@ MINIMAL = {"train": [entry("a", lung="Clear.")], "val": [{"id": "b", "original_r
 
 
 def test_sample_loads_with_every_split_and_sorted_views(sample_studies):
-    counts = {s: len(helpers.by_split(sample_studies, s)) for s in ("train", "val", "test")}
+    counts = {s: len(by_split(sample_studies, s)) for s in ("train", "val", "test")}
     assert counts == {"train": 16, "val": 4, "test": 4}
     for study in sample_studies:
         assert 1 <= len(study.image_paths) <= 3
@@ -36,70 +37,129 @@ def test_sample_loads_with_every_split_and_sorted_views(sample_studies):
         if study.split == "val":
             assert study.regions is None and study.original_report
         else:
-            assert set(study.regions) == set(helpers.ALL_REGIONS)
-    views = helpers.study_images(sample_studies[0])
+            assert set(study.regions) == set(ALL_REGIONS)
+    views = study_images(sample_studies[0])
     assert all(v.mode == "RGB" for v in views)
 
 
 @needs_shared
 def test_real_annotation_parses_in_full():
-    annotation = helpers.data.read_annotation(SHARED_IU_XRAY / "annotation.json")
-    studies = [helpers.data._parse_entry(e, split, i, SHARED_IU_XRAY) for split in ("train", "val", "test")
+    annotation = read_annotation(SHARED_IU_XRAY / "annotation.json")
+    studies = [_parse_entry(e, split, i, SHARED_IU_XRAY) for split in ("train", "val", "test")
                for i, e in enumerate(annotation[split])]
     assert [sum(s.split == x for s in studies) for x in ("train", "val", "test")] == [2069, 296, 590]
     assert all(s.regions is None and s.original_report for s in studies if s.split == "val")
-    assert all(set(s.regions) == set(helpers.ALL_REGIONS) for s in studies if s.split != "val")
+    assert all(set(s.regions) == set(ALL_REGIONS) for s in studies if s.split != "val")
 
 
 def test_missing_image_folder_is_skipped_and_named(tmp_path):
     data = make_data(tmp_path, MINIMAL, ["a", "b"])  # 'c' has no images
     with pytest.warns(UserWarning, match=r"1 studies .* skipped: c"):
-        studies = helpers.load_studies(data)
+        studies = load_studies(data)
     assert [s.id for s in studies] == ["a", "b"]
     with pytest.raises(DataError, match="c"):
-        helpers.load_studies(data, strict=True)
+        load_studies(data, strict=True)
 
 
 def test_empty_image_folder_counts_as_missing(tmp_path):
     data = make_data(tmp_path, MINIMAL, ["a", "b"])
     (data / "images" / "c").mkdir()
     with pytest.warns(UserWarning, match="skipped: c"):
-        helpers.load_studies(data)
+        load_studies(data)
 
 
 @pytest.mark.parametrize("annotation, message", [
     ('{"train": [', r"invalid JSON at line 1, column \d+"),
     ('[]', "expected an object"),
     (json.dumps({"train": [], "val": []}), "missing split 'test'"),
-    (json.dumps({**MINIMAL, "train": [{"report": {}}]}), r"train\[0\]: missing key 'id'"),
-    (json.dumps({**MINIMAL, "test": [{"id": "c", "split": "test"}]}), r"test\[0\] \(id c\): missing key 'report'"),
-    (json.dumps({**MINIMAL, "train": [{"id": "a", "report": {"lung": "x"}}]}), r"id a.*missing region key"),
-    (json.dumps({**MINIMAL, "train": [entry("a"), entry("a")]}), "duplicate study id a"),
+    (json.dumps({**MINIMAL, "train": [{"report": {}}]}), r": train\[0\]: missing key 'id'$"),
+    (json.dumps({**MINIMAL, "train": [{"id": 7, "report": {}}]}), r": train\[0\]: key 'id' must be a non-empty string"),
+    (json.dumps({**MINIMAL, "test": [{"id": "c", "split": "test"}]}), r": test\[0\] \(id c\): missing key 'report'"),
+    (json.dumps({**MINIMAL, "test": [{"id": "c", "report": "Normal."}]}),
+     r": test\[0\] \(id c\): key 'report' must be an object"),
+    (json.dumps({**MINIMAL, "val": [{"id": "b", "split": "val"}]}),
+     r": val\[0\] \(id b\): missing key 'original_report'"),
+    (json.dumps({**MINIMAL, "val": [{"id": "b", "report": entry("b")["report"]}]}),  # a report does not replace it
+     r": val\[0\] \(id b\): missing key 'original_report'"),
+    (json.dumps({**MINIMAL, "val": [{"id": "b", "original_report": ["Normal."]}]}),
+     r": val\[0\] \(id b\): key 'original_report' must be a string"),
+    (json.dumps({**MINIMAL, "train": [entry("a"), {"id": "d", "report": {"lung": "x"}}]}),
+     r": train\[1\] \(id d\): 'report' is missing region key\(s\) \['heart', 'mediastinal', 'bone', 'others'\]"),
+    (json.dumps({**MINIMAL, "test": [entry("c", "test") | {"report": entry("c")["report"] | {"bone": None}}]}),
+     r": test\[0\] \(id c\): 'report' region key\(s\) \['bone'\] must be strings"),
+    (json.dumps({**MINIMAL, "train": [entry("a"), entry("a")]}), r": train\[1\]: duplicate study id a"),
 ])
-def test_malformed_annotation_names_file_and_problem(tmp_path, annotation, message):
+def test_malformed_annotation_names_file_split_index_id_and_key(tmp_path, annotation, message):
     data = make_data(tmp_path, annotation, [])
-    with pytest.raises(DataError, match=message) as error:
-        helpers.load_studies(data)
-    assert str(data / "annotation.json") in str(error.value)
+    for read in (load_studies, lambda d: read_annotation(d / "annotation.json")):
+        with pytest.raises(DataError, match=message) as error:
+            read(data)
+        assert str(error.value).startswith(str(data / "annotation.json"))
+
+
+def test_read_annotation_checks_every_split_and_entry(tmp_path):
+    annotation = {**MINIMAL, "test": [entry("c", "test"), entry("e", "test"), {"id": "f", "report": {}}]}
+    data = make_data(tmp_path, annotation, [])
+    with pytest.raises(DataError, match=r"annotation.json: test\[2\] \(id f\): 'report' is missing region key"):
+        read_annotation(data / "annotation.json")
+
+
+def test_problem_in_the_users_file_is_named_there_not_in_the_derived_one(tmp_path):
+    broken = json.loads(json.dumps(MINIMAL))
+    del broken["test"][0]["report"]["heart"]
+    data = make_data(tmp_path, broken, ["a", "b", "c"])
+    derived = tmp_path / "annotation_with_val.json"
+    atomic_write_json(derived, broken)
+    with pytest.raises(DataError, match=r"missing region key\(s\) \['heart'\]") as error:
+        load_studies(data, annotation_path=derived)
+    assert str(error.value).startswith(f"{data / 'annotation.json'}: test[0] (id c)")
+
+
+def test_no_images_for_a_required_split_is_an_error_naming_where_they_belong(tmp_path):
+    data = make_data(tmp_path, MINIMAL, [])
+    with pytest.raises(DataError) as error:
+        load_studies(data, require_images="train")
+    assert str(error.value) == (
+        f"{data / 'images'}: none of the 1 train studies has images (3 of the 3 studies in {data / 'annotation.json'} "
+        f"lack them); expected <DATA_DIR>/images/<id>/*.png, e.g. {data / 'images' / 'a'}/*.png; "
+        f"{data / 'images'} is missing or empty")
+
+
+def test_a_nested_images_folder_is_shown_when_no_study_has_images(tmp_path):
+    data = make_data(tmp_path, MINIMAL, ["images/a"])  # unzipped one level too deep
+    with pytest.raises(DataError, match=r"none of the 1 val / 1 test studies has images .* e\.g\. .*images/b/\*\.png "
+                                        r"or .*images/c/\*\.png; .*images holds e\.g\. images$"):
+        load_studies(data, require_images=("val", "test"))
+
+
+def test_required_splits_with_images_load_and_still_warn_about_the_rest(tmp_path):
+    data = make_data(tmp_path, MINIMAL, ["a"])
+    with pytest.warns(UserWarning, match=r"2 studies .* skipped: b, c"):
+        assert [s.id for s in load_studies(data, require_images="train")] == ["a"]
+    with pytest.raises(DataError, match=r"none of the 1 test studies has images \(2 of the 3"):
+        load_studies(data, require_images=("train", "test"))
 
 
 def test_corrupt_png_is_reported_with_file_and_study(tmp_path):
     data = make_data(tmp_path, MINIMAL, ["a", "b", "c"])
     (data / "images" / "b" / "0.png").write_bytes(b"not a png")
-    studies = helpers.load_studies(data)
+    studies = load_studies(data)
     bad = next(s for s in studies if s.id == "b")
     with pytest.raises(DataError, match=r"b/0.png: study b: cannot read image"):
-        helpers.study_images(bad)
+        study_images(bad)
     with pytest.warns(UserWarning, match=r"1 studies skipped for unreadable images"):
-        assert [s.id for s in helpers.readable_studies(studies)] == ["a", "c"]
+        assert [s.id for s in readable_studies(studies)] == ["a", "c"]
+    with pytest.raises(DataError, match=r"none of the 1 studies has readable images, e.g.:\n  .*b/0.png: study b"):
+        readable_studies([bad])
+    assert readable_studies([]) == []
 
 
 def test_annotation_with_val_regions_is_accepted(tmp_path):
     data = make_data(tmp_path, MINIMAL, ["a", "b", "c"])
     with_val = json.loads(json.dumps(MINIMAL))
-    with_val["val"][0]["report"] = {k: "" for k in helpers.ALL_REGIONS} | {"lung": "Clear."}
+    with_val["val"][0]["report"] = {k: "" for k in ALL_REGIONS} | {"lung": "Clear."}
     atomic_write_json(tmp_path / "with_val.json", with_val)
-    val = helpers.by_split(helpers.load_studies(data, annotation_path=tmp_path / "with_val.json"), "val")[0]
+    val = by_split(load_studies(data, annotation_path=tmp_path / "with_val.json"), "val")[0]
     assert val.regions["lung"] == "Clear." and val.original_report == "Normal."
 
 

@@ -2,8 +2,8 @@
 import pytest
 from conftest import SHARED_IU_XRAY, needs_shared
 
-import helpers
-from helpers.reports import INSTRUCTION, format_report, parse_report, user_message
+from helpers.data import REGIONS
+from helpers.reports import INSTRUCTION, degenerate_reasons, format_report, parse_report, user_message
 
 EMPTY = {"lung": "", "heart": "", "mediastinal": "", "bone": ""}
 
@@ -21,7 +21,7 @@ def test_format_is_four_fixed_lines_and_drops_others():
 def test_round_trip_on_sample(sample_studies):
     for study in sample_studies:
         if study.regions:
-            gold = {k: study.regions[k] for k in helpers.REGIONS}
+            gold = {k: study.regions[k] for k in REGIONS}
             assert parse_report(format_report(study.regions)) == (gold, True), study.id
 
 
@@ -33,7 +33,7 @@ def test_round_trip_on_every_gold_report_of_the_real_annotation():
     reports = [(e["id"], e["report"]) for split in ("train", "test") for e in annotation[split]]
     assert len(reports) > 2000
     failures = [sid for sid, report in reports
-                if parse_report(format_report(report)) != ({k: report[k].strip() for k in helpers.REGIONS}, True)]
+                if parse_report(format_report(report)) != ({k: report[k].strip() for k in REGIONS}, True)]
     assert failures == []
 
 
@@ -71,6 +71,44 @@ def test_parse_messy_outputs(text, expected):
 @pytest.mark.parametrize("text", [None, "", "The patient is fine.", 42, "{not json", "```\n[1, 2]\n```"])
 def test_unparsable_input_never_raises_and_is_flagged(text):
     assert parse_report(text) == (EMPTY, False)
+
+
+@pytest.mark.parametrize("text, reasons", [
+    ("Lung: Clear.\nHeart: Normal size.\nMediastinal: Normal.\nBone: Intact.", []),
+    ('```json\n{"lung": "Clear.", "heart": "Normal.", "mediastinal": "", "bone": ""}\n```', []),
+    ("Lung: Clear.\nHeart:\nMediastinal:\nBone:", []),  # empty regions are normal
+    ("Lung: No effusion. No effusion.", []),  # a gold report repeats a sentence once
+    # parsed, yet degenerate
+    ("Heart:\n" * 8, ["repeated header", "no region text"]),
+    ("Heart: " * 8, ["repeated header"]),  # one line: parse_report keeps the later headers as heart text
+    ("Lung: Clear. Heart: Normal. Lungs: Clear.", ["repeated header"]),  # a synonym is the same header
+    ("Lung:\nHeart:\nMediastinal:\nBone:", ["no region text"]),
+    ('{"lung": "", "heart": "none"}', ["no region text"]),
+    ("Lung: No effusion. No effusion. no effusion", ["repeated sentence"]),
+    # unparsed
+    ("The patient is fine.", ["no region header", "no region text"]),
+    (None, ["no region header", "no region text"]),
+    ("Lung: Clear.</s>Lung: Clear.", []),  # text after the end of sequence is not the answer
+])
+def test_degenerate_reasons(text, reasons):
+    assert degenerate_reasons(text) == reasons
+    assert parse_report(text)[1] == ("no region header" not in reasons)
+
+
+def test_no_gold_report_with_text_is_degenerate(sample_studies):
+    for study in sample_studies:
+        if study.regions and any(study.regions[k] for k in REGIONS):
+            assert degenerate_reasons(format_report(study.regions)) == [], study.id
+
+
+@needs_shared
+def test_no_gold_report_of_the_real_annotation_is_degenerate_but_for_empty_ones():
+    from helpers.data import read_annotation
+
+    annotation = read_annotation(SHARED_IU_XRAY / "annotation.json")
+    reasons = {e["id"]: degenerate_reasons(format_report(e["report"])) for split in ("train", "test")
+               for e in annotation[split]}
+    assert {tuple(r) for r in reasons.values()} == {(), ("no region text",)}  # one train report has 'others' only
 
 
 def test_user_message_has_one_image_per_view_then_the_instruction():
