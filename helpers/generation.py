@@ -9,7 +9,7 @@ import torch
 
 from .data import REGIONS, DataError, study_images
 from .modeling import generation_inputs
-from .reports import parse_report
+from .reports import degenerate_reasons, parse_report
 from .settings import peak_gpu_memory_gb
 from .storage import JsonlStore, run_batches
 
@@ -135,7 +135,9 @@ def load_predictions(path: str | Path, references: list | None = None) -> dict[s
 
 def summarize(records: list[dict], references: dict[str, dict] | None = None, *, top: int = 5,
               max_new_tokens: int | None = None) -> dict:
-    """Parse failures, template collapse (distinct reports, most frequent ones) and empty-region rates.
+    """Parse failures, degenerate outputs, template collapse (distinct reports, most frequent ones) and empty-region
+    rates. `degenerate` counts each reason of `reports.degenerate_reasons` (a text can have several), so outputs that
+    parse but are no report (eight "Heart:" headers and nothing else) are reported, not hidden among the parsed.
 
     `references` maps study id → gold regions; studies without a reference are left out of its column.
     """
@@ -154,6 +156,7 @@ def summarize(records: list[dict], references: dict[str, dict] | None = None, *,
         "mean_confidence": [pd.Series([r["confidence"][k] for r in records], dtype=float).mean() for k in REGIONS],
     }, index=list(REGIONS))
     summary = {"studies": n, "parse_failures": len(failures), "failure_examples": failures.head(top),
+               "degenerate": dict(Counter(reason for r in records for reason in degenerate_reasons(r["text"]))),
                "distinct_reports": len(counts), "most_frequent": frequent, "empty_regions": empty,
                "studies_with_reference": len(with_ref)}
     if max_new_tokens:

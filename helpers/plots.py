@@ -19,10 +19,11 @@ ERROR_NAMES = {"a": "(a) false finding", "b": "(b) missed finding", "c": "(c) wr
                "d": "(d) wrong severity", "e": "(e) false comparison", "f": "(f) missed comparison"}
 
 
-def _save(fig, path):
+def _save(fig, path, caption_height: float = 0.0):
+    """Lay out (keeping the bottom `caption_height` of the figure for a caption) and save as PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, caption_height, 1, 1))
     fig.savefig(path, dpi=120)
     return fig
 
@@ -147,7 +148,7 @@ def plot_region_scores(tables: dict, runs: list[str], path):
             values = tables[system][0].loc[split, columns].to_numpy(float)
             ax.hlines(values, x - 0.45, x + 0.45, colors=f"C{len(runs) + j}", linestyles="--", label=system)
         ax.set_xticks(x, columns, rotation=20, ha="right")
-        ax.set(title=f"{split}: GREEN (reference non-empty), 95% CI", ylim=(0, 1))
+        ax.set(title=f"{split}: GREEN (reference non-empty), 95% CI", ylim=(0, 1), xlim=(-0.6, len(columns) - 0.4))
         if drawn:
             ax.legend(fontsize=8)
         else:
@@ -174,7 +175,7 @@ def plot_error_categories(frame, path, system: str):
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("mean count")
     fig.text(0.01, 0.01, "GREEN's categories: " + "; ".join(green_scorer().sub_categories), fontsize=6, wrap=True)
-    return _save(fig, path)
+    return _save(fig, path, caption_height=0.08)
 
 
 def plot_score_distribution(frame, path, system: str):

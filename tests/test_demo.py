@@ -1,11 +1,12 @@
-"""`make demo` end to end: the four notebooks in order, each reading what the one before wrote."""
+"""`make demo` end to end: the four notebooks in order (02 and 03 once per preset), each reading what the one before
+wrote, in each visual-token mode."""
 import json
 
 import pandas as pd
 import pytest
 
 from helpers import modeling, reports, runs
-from helpers.run_notebooks import NOTEBOOKS_DIR, main
+from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 
 
 @pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
@@ -17,20 +18,27 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mod
 
     val_ids = {e["id"] for e in json.loads((sample_dir / "annotation.json").read_text())["val"]}
     assert set(json.loads((tmp_path / "regions" / "val_regions.json").read_text())) == val_ids
-    run = runs.Artifacts(tmp_path).find_run(with_predictions=True)
-    config = run.config
-    assert run.trained
-    assert config["instruction"] == reports.INSTRUCTION and config["visual_tokens"] == mode
-    for split, n in (("val", 4), ("test", 4)):
-        lines = run.predictions(split).read_text().splitlines()
-        assert len(lines) == n
-    # one visual-share plot per analysed study (heatmaps need region tokens, which a random model may not write)
-    attention_pngs = {p.name for p in run.attention_dir.glob("*.png")}
-    assert "confidence.png" in attention_pngs and sum(n.endswith("_visual_share.png") for n in attention_pngs) == 3
-    table = pd.read_csv(run.eval_dir / "green_table.csv", index_col=0)
-    assert list(table.index) == ["Validation", "Testing"]
-    assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean"]
-    assert (run.eval_dir / "green_table_ci.csv").is_file()
+    artifacts = runs.Artifacts(tmp_path)
+    compared = artifacts.find_runs()
+    assert [r.name for r in compared] == list(DEMO_RUNS)  # two presets, in the order trained
+    for run in compared:
+        config, metrics = run.config, json.loads(run.metrics_path.read_text())
+        assert run.trained and config["preset"] == DEMO_RUNS[run.name]
+        assert config["instruction"] == reports.INSTRUCTION and config["visual_tokens"] == mode
+        assert all(set(stage["holdout_nlg"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} for stage in metrics["stages"])
+        for split, n in (("val", 4), ("test", 4)):
+            assert len(run.predictions(split).read_text().splitlines()) == n
+        # one visual-share plot per analysed study (heatmaps need region tokens, which a random model may not write)
+        attention_pngs = {p.name for p in run.attention_dir.glob("*.png")}
+        assert "confidence.png" in attention_pngs and sum(n.endswith("_visual_share.png") for n in attention_pngs) == 3
+        table = pd.read_csv(run.eval_dir / "green_table.csv", index_col=0)
+        assert list(table.index) == ["Validation", "Testing"]
+        assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report"]
+    compare = pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1])
+    assert set(compare.index.get_level_values(0)) == {*DEMO_RUNS, "template", "retrieval"}
+    assert set(pd.read_csv(artifacts.compare_dir / "green_diff.csv").run) == {"demo-qlora"}
+    nlg = pd.read_csv(artifacts.compare_dir / "nlg.csv")
+    assert len(nlg) == 4 * 2 * 5 and nlg["BLEU-1"].notna().any()  # systems x splits x (regions + whole report)
 
 
 def test_unknown_parameter_is_refused():

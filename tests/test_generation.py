@@ -179,9 +179,13 @@ def test_summarize():
     normal = {"lung": "clear", "heart": "normal", "mediastinal": "", "bone": ""}
     records = [record(i, "Lung: clear\nHeart: normal", normal) for i in range(3)]
     records.append(record(3, "garbage", {k: "" for k in REGIONS}, parsed=False))
+    records.append(record(4, "Heart:\n" * 8, {k: "" for k in REGIONS}))  # parses, but is no report
     references = {"0": {"lung": "clear", "heart": "", "mediastinal": "", "bone": "x"}, "3": None}
-    s = generation.summarize(records, references, max_new_tokens=10)
+    s = generation.summarize(records[:4], references, max_new_tokens=10)
     assert (s["studies"], s["parse_failures"], s["distinct_reports"], s["studies_with_reference"]) == (4, 1, 2, 1)
+    assert s["degenerate"] == {"no region header": 1, "no region text": 1}  # the garbage
+    assert generation.summarize(records, references)["degenerate"] == {"no region header": 1, "no region text": 2,
+                                                                        "repeated header": 1}
     assert list(s["failure_examples"]["id"]) == ["3"]
     assert s["most_frequent"].iloc[0]["count"] == 3 and s["most_frequent"].iloc[0]["share"] == 0.75
     empty = s["empty_regions"]

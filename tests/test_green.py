@@ -74,10 +74,14 @@ def test_protocol_arithmetic(tmp_path):
                  ("", "Old fracture."): answer(0, {"a": 1}),
                  ("Nodule.", "Clear."): "no format at all",  # unparseable: a failure, not a 0
                  ("Normal.", "Normal."): answer(3, {"a": 1}),  # 3 / 4
-                 ("Wide.", "Wide."): answer(1)}
+                 ("Wide.", "Wide."): answer(1),
+                 # whole reports: the regions joined in a fixed order
+                 ("Effusion. Cardiomegaly. Fracture.", "Effusion. Fracture."): answer(2, {"b": 1}),  # 2 / 3
+                 ("Clear.", "Clear. Old fracture."): answer(1, {"a": 1}), ("Nodule. Normal.", "Clear. Normal."):
+                 answer(1, {"a": 1}), ("Effusion. Normal. Wide.", "Effusion. Normal. Wide."): answer(3)}
     seed_cache(tmp_path / "cache.jsonl", HAND_JUDGE, responses)
     frame = green.evaluate({"model": preds}, refs, judge.Judge(HAND_JUDGE, tmp_path / "cache.jsonl"))
-    assert len(frame) == 4 * 4
+    assert len(frame) == 4 * 5  # four regions and the whole report per study
     stats = green.region_stats(frame).set_index(["split", "region"])
     lung, heart, bone = stats.loc[("val", "lung")], stats.loc[("val", "heart")], stats.loc[("val", "bone")]
     assert (lung.ref_nonempty, lung.scored, lung.unparseable) == (3, 2, 1)
@@ -90,14 +94,15 @@ def test_protocol_arithmetic(tmp_path):
 
     table, ci = green.green_tables(frame, green.region_stats(frame), "model", n_boot=200, seed=0)
     assert list(table.index) == ["Validation", "Testing"]
-    assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean"]
-    assert table.loc["Testing"].tolist() == pytest.approx([1, 0.75, 1, float("nan"), float("nan")], nan_ok=True)
+    assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report"]
+    assert table.loc["Testing"].tolist() == pytest.approx([1, 0.75, 1, float("nan"), float("nan"), 1], nan_ok=True)
+    assert table.loc["Validation", "Whole report"] == pytest.approx((2 / 3 + 0.5 + 0.5) / 3)
     assert math.isnan(table.loc["Validation", "Mean"])  # a region without references makes the mean n/a
     assert list(ci.columns) == [f"{c} {e}" for c in table.columns for e in ("lo", "hi")]
     assert ci.loc["Validation", "Lung lo"] <= table.loc["Validation", "Lung"] <= ci.loc["Validation", "Lung hi"]
     again = green.green_tables(frame, green.region_stats(frame), "model", n_boot=200, seed=0)[1]
     assert again.equals(ci)  # fixed seed
-    assert green.markdown_table(table, ci).splitlines()[0] == "| | Lung | Heart | Mediastinal | Bone | Mean |"
+    assert green.markdown_table(table, ci).splitlines()[0] == "| | Lung | Heart | Mediastinal | Bone | Mean | Whole report |"
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +197,9 @@ def test_baselines(tmp_path, sample_studies, tiny_model_dir):
 
 
 def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
-    """Notebook 04 in the demo profile on inputs written here (notebooks 01-03's outputs), with part of the judge
-    cache hand-written so the tables hold known numbers; the other pairs go to the tiny random judge."""
+    """Notebook 04 in the demo profile on two runs written here (notebooks 01-03's outputs), with part of the judge
+    cache hand-written so the tables and the paired differences hold known numbers; the other pairs (baselines) go to
+    the tiny random judge."""
     import pandas as pd
 
     from helpers.run_notebooks import run_notebook
@@ -209,38 +215,61 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
     (artifacts / "models" / "tiny-llava").symlink_to(tiny_model_dir)
     references = {"val": {e["id"]: e["report"] for e in annotation["val"]},
                   "test": {e["id"]: e["report"] for e in annotation["test"]}}
+    # run "a" repeats each reference and its judge says 1 match, 1 error (GREEN 0.5); run "b" adds a sentence to each
+    # non-empty text and its judge says 1 match, no error (GREEN 1): b - a = +0.5 on every scored study
+    edits = {"a": (lambda text: text, answer(1, {"a": 1})), "b": (lambda text: text and text + " Extra.", answer(1))}
     responses = {}
-    for split, refs in references.items():  # the "model" repeats each reference; its judge says 1 match, 1 error
-        lines = [{"id": i, "text": "", "regions": {r: report[r] for r in REGIONS}, "parsed": True, "n_tokens": 9,
-                  "confidence": {r: 0.5 if report[r] else None for r in REGIONS}} for i, report in refs.items()]
-        path = runs.Artifacts(artifacts).run("demo").predictions(split)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        responses.update({(report[r], report[r]): answer(1, {"a": 1}) if report[r] else answer(0)
-                          for report in refs.values() for r in REGIONS})
+    for run, (edit, said) in edits.items():
+        for split, refs in references.items():
+            lines = [{"id": i, "text": "", "regions": {r: edit(report[r]) for r in REGIONS}, "parsed": True,
+                      "n_tokens": 9, "confidence": {r: 0.5 if report[r] else None for r in REGIONS}}
+                     for i, report in refs.items()]
+            path = runs.Artifacts(artifacts).run(run).predictions(split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+            for line, report in zip(lines, refs.values()):
+                texts = [(report[r], line["regions"][r]) for r in REGIONS]
+                texts.append((reports.whole_report(report), reports.whole_report(line["regions"])))
+                responses.update({(ref, cand): said if ref else answer(0) for ref, cand in texts})
     seed_cache(artifacts / "eval" / "green_cache.jsonl", str(artifacts / "models" / "tiny-green-judge"), responses)
 
     run_notebook("04_green_eval.ipynb", artifacts, profile="demo")
 
-    out = artifacts / "eval" / "demo"
-    table = pd.read_csv(out / "green_table.csv", index_col=0)
-    assert list(table.index) == ["Validation", "Testing"]
-    assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean"]
-    for split, name in runs.SPLIT_NAMES.items():
-        for region, column in reports.HEADERS.items():
-            if any(report[region] for report in references[split].values()):
-                assert table.loc[name, column] == pytest.approx(0.5)
-            else:
-                assert math.isnan(table.loc[name, column])
-    ci = pd.read_csv(out / "green_table_ci.csv", index_col=0)
-    assert ci.shape == (2, 10)
-    for split in runs.SPLIT_NAMES:
-        pairs = [json.loads(line) for line in (out / f"green_{split}.jsonl").read_text().splitlines()]
-        assert len(pairs) == 4 * len(references[split]) and {p["system"] for p in pairs} == {"model"}
-    stats = pd.read_csv(out / "green_stats.csv")
-    assert set(stats.system) == {"model", "template", "retrieval"} and len(stats) == 3 * 2 * 4
-    assert all((out / "plots" / name).stat().st_size > 0 for name in
-               ["green_per_region.png", "error_categories.png", "score_distribution.png", "confidence_vs_errors.png"])
+    columns = ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report"]
+    for run, expected in (("a", 0.5), ("b", 1.0)):
+        out = runs.Artifacts(artifacts).run(run).eval_dir
+        table = pd.read_csv(out / "green_table.csv", index_col=0)
+        assert list(table.index) == ["Validation", "Testing"] and list(table.columns) == columns
+        for split, name in runs.SPLIT_NAMES.items():
+            for region, column in reports.HEADERS.items():
+                if any(report[region] for report in references[split].values()):
+                    assert table.loc[name, column] == pytest.approx(expected)
+                else:
+                    assert math.isnan(table.loc[name, column])
+            assert table.loc[name, "Whole report"] == pytest.approx(expected)
+        assert pd.read_csv(out / "green_table_ci.csv", index_col=0).shape == (2, 12)
+        for split in runs.SPLIT_NAMES:
+            pairs = [json.loads(line) for line in (out / f"green_{split}.jsonl").read_text().splitlines()]
+            assert len(pairs) == 5 * len(references[split]) and {p["system"] for p in pairs} == {run}
+        assert all((out / "plots" / name).stat().st_size > 0 for name in
+                   ["error_categories.png", "score_distribution.png", "confidence_vs_errors.png"])
+    compare = runs.Artifacts(artifacts).compare_dir
+    table = pd.read_csv(compare / "green_compare.csv", index_col=[0, 1])
+    assert set(table.index.get_level_values(0)) == {"a", "b", "template", "retrieval"}
+    assert table.loc[("b", "Testing"), "Whole report"] == pytest.approx(1.0)
+    diff = pd.read_csv(compare / "green_diff.csv")
+    scored = diff[diff.studies > 0]
+    assert set(diff.run) == {"b"} and set(diff.reference) == {"a"} and len(scored)
+    assert scored.difference.to_numpy() == pytest.approx(0.5) and (scored.wins == 1).all() and scored.excludes_0.all()
+    assert scored.ci_lo.to_numpy() == pytest.approx(0.5) and scored.ci_hi.to_numpy() == pytest.approx(0.5)
+    nlg = pd.read_csv(compare / "nlg.csv")
+    assert set(nlg.system) == {"a", "b", "template", "retrieval"} and set(nlg.split) == {"val", "test"}
+    assert set(nlg.region) == {*REGIONS, "report"}
+    whole_a = nlg[(nlg.system == "a") & (nlg.region == "report")]
+    assert whole_a["BLEU-4"].to_numpy() == pytest.approx(1.0) and whole_a["CIDEr"].notna().all()  # a == references
+    stats = pd.read_csv(compare / "green_stats.csv")
+    assert set(stats.system) == {"a", "b", "template", "retrieval"} and len(stats) == 4 * 2 * 5
+    assert (compare / "plots" / "green_per_region.png").stat().st_size > 0
 
 
 def test_bad_predictions_named(tmp_path, capsys):
@@ -254,4 +283,4 @@ def test_bad_predictions_named(tmp_path, capsys):
         generation.load_predictions(path, refs)
     path.write_text(json.dumps({"id": "s0", "regions": {r: "" for r in REGIONS}}) + "\n")
     rows = green.region_pairs("model", "test", refs, generation.load_predictions(path, refs))
-    assert len(rows) == 4 and "1 of 2 studies have no prediction and are not scored: s1" in capsys.readouterr().out
+    assert len(rows) == 5 and "1 of 2 studies have no prediction and are not scored: s1" in capsys.readouterr().out

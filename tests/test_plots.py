@@ -44,9 +44,9 @@ def frame(n):
 
 
 def tables(value):
-    columns = ["Lung", "Heart", "Mediastinal", "Bone", "Mean"]
-    table = pd.DataFrame([[value] * 5] * 2, index=["Validation", "Testing"], columns=columns)
-    ci = pd.DataFrame([[value] * 10] * 2, index=["Validation", "Testing"],
+    columns = ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report"]
+    table = pd.DataFrame([[value] * 6] * 2, index=["Validation", "Testing"], columns=columns)
+    ci = pd.DataFrame([[value] * 12] * 2, index=["Validation", "Testing"],
                       columns=[f"{c} {e}" for c in columns for e in ("lo", "hi")])
     return {"model": (table, ci), "template": (table, ci)}
 
@@ -60,10 +60,10 @@ def test_every_plot_renders_with_titles(tmp_path, empty):
         "shares": plots.plot_shares(analysis(not empty), tmp_path / "shares.png"),
         "heatmaps": plots.plot_heatmaps(analysis(not empty), tmp_path / "heat.png", "layers 1-2"),
         "confidence": plots.plot_confidence_histogram(records, tmp_path / "confidence.png"),
-        "regions": plots.plot_region_scores(tables(math.nan if empty else 0.5), tmp_path / "regions.png"),
-        "errors": plots.plot_error_categories(frame(n), tmp_path / "errors.png"),
-        "scores": plots.plot_score_distribution(frame(n), tmp_path / "scores.png"),
-        "confidence_vs_green": plots.plot_confidence_vs_green(frame(n), tmp_path / "cvg.png"),
+        "regions": plots.plot_region_scores(tables(math.nan if empty else 0.5), ["model"], tmp_path / "regions.png"),
+        "errors": plots.plot_error_categories(frame(n), tmp_path / "errors.png", "model"),
+        "scores": plots.plot_score_distribution(frame(n), tmp_path / "scores.png", "model"),
+        "confidence_vs_green": plots.plot_confidence_vs_green(frame(n), tmp_path / "cvg.png", "model"),
     }
     for name, fig in figures.items():
         assert labelled(fig), name
@@ -77,4 +77,6 @@ def test_every_plot_renders_with_titles(tmp_path, empty):
         assert labels == list(plots.ERROR_NAMES.values())  # short names, whole words
         assert "(1 token)" in " ".join(t.get_text() for t in figures["shares"].axes[0].get_legend().get_texts())
         assert any(ax.get_label() == "<colorbar>" for ax in figures["heatmaps"].axes)
+        dashed = figures["regions"].axes[0].collections  # the baseline ("template") as marks, the run as bars
+        assert len(figures["regions"].axes[0].patches) == 6 and any(c.get_label() == "template" for c in dashed)
         assert all(ax.get_xlabel() and ax.get_ylabel() for ax in figures["confidence"].axes)

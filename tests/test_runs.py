@@ -36,17 +36,30 @@ def test_find_run_has_one_rule_and_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trained run yet: train one with notebook 02"):
         artifacts.find_run()
     with pytest.raises(FileNotFoundError, match="no predictions yet: run notebook 03"):
-        artifacts.find_run(with_predictions=True)
+        artifacts.find_runs()
     first = make_run(artifacts, "first", predictions=False)
     assert artifacts.find_run() == first
     with pytest.raises(FileNotFoundError, match="no predictions yet: run notebook 03"):
-        artifacts.find_run(with_predictions=True)
+        artifacts.find_runs()
     make_run(artifacts, "second")
     make_run(artifacts, "untrained", trained=False, predictions=False)
     with pytest.raises(ValueError, match=r"several runs: set RUN_NAME to one of \['first', 'second'\]"):
         artifacts.find_run()
     assert artifacts.find_run("first").name == "first"
-    assert artifacts.find_run(with_predictions=True).name == "second"
-    with pytest.raises(FileNotFoundError, match=r"run 'untrained' is not ready .* \['first', 'second'\]"):
+    with pytest.raises(FileNotFoundError, match=r"run 'untrained' is not trained: .* \['first', 'second'\]"):
         artifacts.find_run("untrained")
     assert [r.name for r in artifacts.runs()] == ["first", "second", "untrained"]
+
+
+def test_find_runs_lists_runs_with_predictions_in_the_order_trained(tmp_path):
+    artifacts = runs.Artifacts(tmp_path)
+    make_run(artifacts, "b")
+    make_run(artifacts, "a")
+    copied = artifacts.run("copied")  # predictions without a train folder (brought from elsewhere): last
+    for split in runs.SPLIT_NAMES:
+        copied.predictions(split).parent.mkdir(parents=True, exist_ok=True)
+        copied.predictions(split).write_text("")
+    assert [r.name for r in artifacts.find_runs()] == ["b", "a", "copied"]
+    assert [r.name for r in artifacts.find_runs(["a", "b"])] == ["a", "b"]
+    with pytest.raises(FileNotFoundError, match=r"no predictions yet for \['c'\]: run notebook 03 .* \['b', 'a', "):
+        artifacts.find_runs(["a", "c"])

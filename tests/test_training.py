@@ -281,6 +281,9 @@ def test_notebook_02_runs_in_demo_and_writes_the_run_contract(tmp_path, train_st
     metrics = json.loads(run.metrics_path.read_text())
     assert [s["name"] for s in metrics["stages"]] == ["frozen_vision", "vision_lora"]
     assert all(s["loss"] and s["eval_loss"] and s["seconds"] > 0 for s in metrics["stages"])
+    # the cheap generation metric of each stage's selected weights, beside the held-out loss that selects them
+    assert all(s["holdout_nlg"]["pairs"] == len(config["holdout_ids"]) and s["holdout_nlg"]["METEOR"] is None
+               for s in metrics["stages"])
     # stage 1 left the vision LoRA untouched (B stays zero); stage 2's fresh optimizer trained it
     from peft.utils import load_peft_weights
 
