@@ -9,15 +9,21 @@ PY := $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
-# torch first: here its CPU build comes from a local file; left to pip's resolver it would fetch a CUDA build.
+# torch first, from the package index: on Linux a large CUDA build unless pip is pointed at a CPU wheel (README).
 # green-score 0.0.12 pins Python ==3.12.1, torch 2.2.2 and transformers 4.40, which would break this stack:
 # it is installed without its dependencies; the few it imports are in requirements.txt.
+# pip's own output is the progress: several minutes on a fresh machine without local wheels.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
+	@echo "== make venv 1/4: a virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps --ignore-requires-python green-score==0.0.12
+	@echo "== make venv 2/4: torch 2.13.0 (the largest download)"
+	$(PY) -m pip install torch==2.13.0
+	@echo "== make venv 3/4: requirements-dev.txt (transformers, TRL, PEFT, papermill, ...)"
+	$(PY) -m pip install -r requirements-dev.txt
+	@echo "== make venv 4/4: green-score without its dependencies"
+	$(PY) -m pip install --no-deps --ignore-requires-python green-score==0.0.12
 	touch $@
+	@echo "== make venv: done"
 
 # make demo VISUAL_TOKENS=tile (or anyres): the same chain in another visual-token mode
 demo: venv

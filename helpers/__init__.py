@@ -17,7 +17,7 @@ Notebook-facing names, by notebook:
   `training.lora_config`, `training.method_table`, `training.train`, `plots.plot_losses`.
 - 03: `modeling.load_for_inference`, `generation.generate_split`, `generation.load_predictions`,
   `generation.summarize`, `attention.analyze_study`, `plots.plot_confidence_histogram`, `plots.plot_shares`,
-  `plots.plot_heatmaps`, `reports.INSTRUCTION`.
+  `plots.plot_heatmaps`, `reports.INSTRUCTION`, `viewer.show_attention`.
 - 04: `judge.Judge`, `judge.DEFAULT_JUDGE`, `demo_models.build_random_judge`, `baselines.template_regions`,
   `baselines.template_predictions`, `baselines.retrieval_neighbors`, `baselines.retrieval_predictions`,
   `green.evaluate`, `green.region_stats`, `green.green_tables`, `green.write_outputs`, `green.markdown_table`,
@@ -25,7 +25,16 @@ Notebook-facing names, by notebook:
   `plots.plot_score_distribution`, `plots.plot_confidence_vs_green`.
 - also: `modeling.visual_tokens_per_view(width, height, mode)`, `settings.pick_profile(gpu_memory_gb, capability)`.
 """
-from .regions import split_regions  # also what the Task-1 scorer (shared/tools/score_splitter.py) calls
-from .settings import get_secret, in_colab, setup
+import importlib
 
-__all__ = ["get_secret", "in_colab", "setup", "split_regions"]
+# Imported on first use, not here: the Colab setup cell imports `helpers.colab` before the pinned stack is installed,
+# and importing torch or transformers then would pin their preinstalled versions until a restart.
+_REEXPORTS = {"get_secret": "settings", "in_colab": "settings", "setup": "settings",
+              "split_regions": "regions"}  # also what the Task-1 scorer (shared/tools/score_splitter.py) calls
+__all__ = sorted(_REEXPORTS)
+
+
+def __getattr__(name):
+    if name not in _REEXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_REEXPORTS[name]}", __name__), name)

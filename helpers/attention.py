@@ -17,7 +17,7 @@ import torch
 from transformers.image_processing_utils import select_best_resolution
 
 from .data import study_images
-from .generation import generated_length, region_token_indices
+from .generation import generated_length, region_token_indices, token_char_ends
 from .modeling import generation_inputs, image_tokens_per_view
 
 
@@ -137,7 +137,8 @@ def analyze_study(model, processor, study, *, max_views: int, max_new_tokens: in
     """Regenerate one study with attention: text, token ids, region token indices, share table, base heatmaps.
 
     Also returns the raw `attention` (tokens × layers × keys), each view's image `positions` and `layouts`, to
-    look at other layers or token groups with `visual_share` / `base_heatmaps`.
+    look at other layers or token groups with `visual_share` / `base_heatmaps`, and each token's end in `text`
+    (`char_ends`).
     """
     views = study_images(study, max_views)
     result = generate_with_attention(model, processor, views, max_new_tokens=max_new_tokens)
@@ -148,4 +149,5 @@ def analyze_study(model, processor, study, *, max_views: int, max_new_tokens: in
             "text": processor.tokenizer.decode(result["ids"], skip_special_tokens=True), "region_tokens": regions,
             "shares": visual_share(result["attention"], positions, regions),
             "heatmaps": base_heatmaps(result["attention"], positions, layouts, regions, layers),
-            "attention": result["attention"], "positions": positions, "layouts": layouts}
+            "attention": result["attention"], "positions": positions, "layouts": layouts,
+            "char_ends": token_char_ends(processor.tokenizer, result["ids"])}

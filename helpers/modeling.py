@@ -2,6 +2,7 @@
 them, prompts tokenized exactly like training, and a trained run loaded for inference."""
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 from peft import PeftModel
@@ -15,6 +16,9 @@ from trl.chat_template_utils import get_training_chat_template
 from .lm import left_padded, load_weights
 from .reports import user_message
 from .settings import get_secret
+
+# PEFT 0.21's PeftModel() reads transformers' deprecated `is_gradient_checkpointing`: its call, not ours
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DEFAULT_MODEL_ID = "llava-hf/llava-v1.6-mistral-7b-hf"
 # How many image tokens a view costs (README, "Visual tokens"): the checkpoint's anyres grid (2,928 for a 512x512

@@ -3,12 +3,15 @@ GREEN (04). Each function takes its data and the PNG path and returns the figure
 empty panel instead of bare axes."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea, VPacker
 from matplotlib.ticker import MaxNLocator
 
+from .attention import base_heatmaps
 from .data import REGIONS
 from .judge import ERROR_CATEGORIES, green_scorer
 from .reports import HEADERS
@@ -76,6 +79,17 @@ def plot_shares(analysis: dict, path):
     return _save(fig, path)
 
 
+def _overlay(ax, image, heat, title: str):
+    """One base-tile attention map over its X-ray; the tile is the whole image squashed to a square: the extent
+    stretches it back."""
+    width, height = image.size
+    ax.imshow(image.convert("L"), cmap="gray", extent=(0, width, height, 0))
+    shown = ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, width, height, 0), interpolation="bilinear")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+    return shown
+
+
 def plot_heatmaps(analysis: dict, path, layers: str = "all layers"):
     """Rows = regions, columns = views: attention on the base tile stretched over the X-ray (sums to 1 per map)."""
     maps, views = analysis["heatmaps"], analysis["views"]
@@ -87,15 +101,75 @@ def plot_heatmaps(analysis: dict, path, layers: str = "all layers"):
     fig, axes = plt.subplots(len(maps), len(views), figsize=(2.8 * len(views) + 0.6, 2.6 * len(maps)), squeeze=False)
     for row, (region, per_view) in enumerate(maps.items()):
         for col, (heat, image) in enumerate(zip(per_view, views)):
-            ax = axes[row, col]
-            width, height = image.size
-            ax.imshow(image.convert("L"), cmap="gray", extent=(0, width, height, 0))
-            # the base tile is the whole image squashed to a square: the extent stretches it back
-            shown = ax.imshow(heat, cmap="jet", alpha=0.45, extent=(0, width, height, 0), interpolation="bilinear")
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{region} · view {col + 1}", fontsize=8)
+            shown = _overlay(axes[row, col], image, heat, f"{region} · view {col + 1}")
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, label="attention share")
     fig.suptitle(f"{analysis['id']}: attention on the base tile, mean over {layers}", fontsize=9)
+    return _save(fig, path)
+
+
+def _line_spans(text: str, columns: int) -> list[tuple[int, int]]:
+    """(start, end) in `text` of each line shown: its lines wrapped at `columns` characters, no character dropped."""
+    spans, start = [], 0
+    for line in text.split("\n"):
+        for piece in textwrap.wrap(line, columns, drop_whitespace=False, replace_whitespace=False, expand_tabs=False,
+                                   break_on_hyphens=False) or [""]:
+            spans.append((start, start + len(piece)))
+            start += len(piece)
+        start += 1  # the newline
+    return spans
+
+
+MARK = {"boxstyle": "square,pad=0.1", "facecolor": "gold", "edgecolor": "none"}  # a highlighter's stroke
+
+
+def _highlighted_text(ax, text: str, marked: np.ndarray, columns: int, size: float) -> None:
+    """`text` in monospace, wrapped, with the characters where `marked` is set on a yellow background."""
+    rows = []
+    for start, end in _line_spans(text, columns):
+        cuts = [start, *[i for i in range(start + 1, end) if marked[i] != marked[i - 1]], end]
+        rows.append(HPacker(pad=0, sep=0, children=[
+            TextArea(text[a:b] or " ", textprops={"family": "monospace", "size": size,
+                                                  **({"bbox": MARK} if a < end and marked[a] else {})})
+            for a, b in zip(cuts, cuts[1:])]))
+    ax.add_artist(AnchoredOffsetbox("upper left", child=VPacker(pad=0, sep=2, children=rows), frameon=False,
+                                    pad=0, borderpad=0))
+    ax.axis("off")
+
+
+def plot_attention_selection(analysis: dict, tokens: list[int], layers: tuple[int, int], label: str = "selection",
+                             path=None):
+    """One choice in notebook 03's attention viewer: the generated `tokens` highlighted in the report text and, per
+    view, their attention on the base tile (`attention.base_heatmaps`: mean over the tokens and over layers
+    `layers[0]`..`layers[1]`, inclusive; each map sums to 1) over the X-ray. Only the stored attention is read."""
+    first, last = layers
+    views, text, ends = analysis["views"], analysis["text"], analysis["char_ends"]
+    maps = base_heatmaps(analysis["attention"], analysis["positions"], analysis["layouts"], {label: tokens},
+                         layers=slice(first, last + 1)).get(label)
+    marked = np.zeros(len(text) + 1, dtype=bool)
+    for t in tokens:
+        marked[ends[t - 1] if t else 0:ends[t]] = True
+    width, size = max(6.0, 2.8 * len(views) + 0.6), 8
+    columns = int(width * 72 / (0.6 * size)) - 6  # a monospace character is about 0.6 of the font size wide
+    text_height = 0.35 + 0.17 * len(_line_spans(text, columns))
+    fig = plt.figure(figsize=(width, text_height + 2.9))
+    grid = fig.add_gridspec(2, len(views), height_ratios=[text_height, 2.9])
+    text_ax = fig.add_subplot(grid[0, :])
+    _highlighted_text(text_ax, text, marked, columns, size)
+    span = f"token {tokens[0]}" if len(tokens) == 1 else f"tokens {tokens[0]}-{tokens[-1]}" if tokens else "no token"
+    text_ax.set_title(f"{analysis['id']} · {label}: {span} highlighted", fontsize=9)
+    for col, image in enumerate(views):
+        ax = fig.add_subplot(grid[1, col])
+        if maps is None:
+            _nothing(ax, "no token chosen")
+            ax.set_title(f"view {col + 1}", fontsize=8)
+            continue
+        shown = _overlay(ax, image, maps[col], f"view {col + 1}")
+        fig.colorbar(shown, ax=ax, fraction=0.046, label="attention share" if col == len(views) - 1 else None)
+    layer_range = f"layer {first}" if first == last else f"layers {first}-{last}"
+    fig.suptitle(f"attention on the base tile, mean over the highlighted tokens and {layer_range}", fontsize=9)
+    if path is None:  # the viewer: shown, not saved
+        fig.tight_layout()
+        return fig
     return _save(fig, path)
 
 

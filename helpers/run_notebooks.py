@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import papermill
+from traitlets.config import Config
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEMO_RUNS = {"demo-two_stage": "two_stage", "demo-qlora": "qlora"}  # two presets, so notebook 04 compares two runs
@@ -35,9 +37,12 @@ def run_notebook(name: str, artifacts_dir: str | Path, profile: str = "demo", **
     run = parameters.get("RUN_NAME")
     executed = artifacts_dir / "executed" / (name if run is None else name.replace(".ipynb", f"-{run}.ipynb"))
     executed.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(NOTEBOOKS_DIR / name), str(executed), cwd=str(NOTEBOOKS_DIR),
-                               parameters={"PROFILE": profile, "ARTIFACTS_DIR": str(artifacts_dir), **parameters},
-                               kernel_name="python3", progress_bar=False, log_output=False)
+    # the kernel talks over Unix sockets in a private folder: nothing listens on a TCP port (ipykernel warns if so)
+    with tempfile.TemporaryDirectory() as sockets:
+        papermill.execute_notebook(str(NOTEBOOKS_DIR / name), str(executed), cwd=str(NOTEBOOKS_DIR),
+                                   parameters={"PROFILE": profile, "ARTIFACTS_DIR": str(artifacts_dir), **parameters},
+                                   kernel_name="python3", progress_bar=False, log_output=False,
+                                   config=Config(KernelManager={"transport": "ipc", "ip": f"{sockets}/kernel"}))
     return executed
 
 

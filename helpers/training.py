@@ -127,8 +127,8 @@ def load_training_model(config: dict):
                                                 dtype=torch_dtype(config["precision"]), token=get_secret("HF_TOKEN"))
     processor.chat_template = training_chat_template(processor)
     if config["load_in_4bit"]:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # checkpointing is the trainer's (SFTConfig), through transformers' current API, not PEFT's deprecated one
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, lora_config(config)), processor
 
 

@@ -8,6 +8,25 @@ import pytest
 from helpers import modeling, reports, runs
 from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 
+# what a quiet start leaves out of the executed notebooks: tqdm without widgets, the kernel's plain-TCP warning,
+# deprecations of the libraries' APIs, the HF Trainer's raw log dicts (the loss is in metrics.json and the plot)
+NOISE = ["IProgress not found", "without encryption", "FutureWarning", "{'loss'", "'train_runtime'"]
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def check_executed(executed_dir):
+    """No noise in any executed notebook; notebook 03's viewer, headless, fell back to static pictures."""
+    paths = sorted(executed_dir.glob("*.ipynb"))
+    assert any(p.name.startswith("03_") for p in paths)
+    for path in paths:
+        cells = json.loads(path.read_text())["cells"]
+        outputs = json.dumps([c.get("outputs", []) for c in cells])
+        assert not [n for n in NOISE if n in outputs], path.name
+        if path.name.startswith("03_"):
+            viewer = next(c for c in cells if "viewer.show_attention" in "".join(c["source"]))
+            kinds = [kind for o in viewer["outputs"] for kind in o.get("data", {})]
+            assert "image/png" in kinds and WIDGET not in kinds, path.name
+
 
 @pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
 def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mode):
@@ -15,6 +34,7 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mod
     assert names == ["01_region_prompting.ipynb", "02_sft_lora_qlora.ipynb", "03_generate.ipynb",
                      "04_green_eval.ipynb"]
     assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode]) == 0  # what make demo VISUAL_TOKENS=... runs
+    check_executed(tmp_path / "executed")
 
     val_ids = {e["id"] for e in json.loads((sample_dir / "annotation.json").read_text())["val"]}
     assert set(json.loads((tmp_path / "regions" / "val_regions.json").read_text())) == val_ids
