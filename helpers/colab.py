@@ -6,6 +6,7 @@ Standard library only: each notebook's setup cell imports it right after cloning
 from __future__ import annotations
 
 import importlib
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -67,3 +68,10 @@ def install(repo: str, green_score: bool = False) -> None:
                               "changed packages this runtime had already imported: " +
                               ", ".join(f"{name} {old} -> {now}" for name, (old, now) in sorted(changed.items())))
     print("installed; no restart needed (no package this runtime had imported changed version)")
+
+
+def ensure_java() -> None:
+    """A headless JRE for METEOR (pycocoevalcap runs it in Java), installed only when `java` is absent."""
+    if shutil.which("java") is None:
+        print("installing a headless Java runtime for METEOR (apt-get, about a minute) ...")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "default-jre-headless"], check=True)
