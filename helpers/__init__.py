@@ -6,11 +6,12 @@ which notebook 01 with the rules backend should not pay; each module imports its
 
 Notebook-facing names, by notebook:
 - every notebook: `setup(PROFILE, DATA_DIR, ARTIFACTS_DIR) -> settings.Settings` (profile from the GPU, paths,
-  precision, 4-bit choices, batch sizes), `get_secret(name)`, `in_colab()` (all three re-exported here); `runs.Artifacts(settings.artifacts_dir)` (where every artifact lives),
-  `.find_run(name)`, `.run(name)`; `data.load_studies`, `data.by_split`, `data.readable_studies`,
-  `data.read_annotation`, `storage.atomic_write_json`.
-- 01: `regions.split_many`, `regions.split_regions` (re-exported here), `regions.annotation_with_regions`, `region_checks.agreement`,
-  `regions.PROMPT_VERSION`.
+  precision, 4-bit choices, batch sizes), `get_secret(name)`, `in_colab()` (all three re-exported here);
+  `runs.Artifacts(settings.artifacts_dir)` (where every artifact lives), `.find_run(name)`, `.find_runs(names)`,
+  `.run(name)`; `data.load_studies`, `data.by_split`, `data.readable_studies`, `data.read_annotation`,
+  `storage.atomic_write_json`.
+- 01: `regions.split_many`, `regions.split_regions` (re-exported here), `regions.annotation_with_regions`,
+  `region_checks.agreement`, `regions.PROMPT_VERSION`.
 - 02: `demo_models.build_random_llava`, `demo_models.tokenizer_corpus`, `modeling.DEFAULT_MODEL_ID`,
   `modeling.load_processor`, `modeling.training_chat_template`, `train_data.holdout_split`,
   `train_data.token_counts`, `train_data.describe`, `training.PRESETS`, `training.make_config`,
@@ -20,16 +21,19 @@ Notebook-facing names, by notebook:
   `plots.plot_heatmaps`, `reports.INSTRUCTION`, `viewer.show_attention`.
 - 04: `judge.Judge`, `judge.DEFAULT_JUDGE`, `demo_models.build_random_judge`, `baselines.template_regions`,
   `baselines.template_predictions`, `baselines.retrieval_neighbors`, `baselines.retrieval_predictions`,
-  `green.evaluate`, `green.region_stats`, `green.green_tables`, `green.write_outputs`, `green.markdown_table`,
-  `green.confidence_vs_errors`, `green.PROTOCOL`, `plots.plot_region_scores`, `plots.plot_error_categories`,
-  `plots.plot_score_distribution`, `plots.plot_confidence_vs_green`.
-- also: `modeling.visual_tokens_per_view(width, height, mode)`, `settings.pick_profile(gpu_memory_gb, capability)`.
+  `green.evaluate`, `green.region_stats`, `green.green_tables`, `green.paired_differences`,
+  `green.differences_in_words`, `green.write_outputs`, `green.markdown_table`, `green.confidence_vs_errors`,
+  `green.PROTOCOL`, `metrics.nlg_table`, `metrics.meteor_unavailable_reason`, `plots.plot_region_scores`,
+  `plots.plot_error_categories`, `plots.plot_score_distribution`, `plots.plot_confidence_vs_green`.
+- also re-exported here: `pick_profile(gpu_memory_gb, compute_capability)`, `visual_tokens_per_view(width, height,
+  mode)`, `nlg_metrics(references, hypotheses)`.
 """
 import importlib
 
 # Imported on first use, not here: the Colab setup cell imports `helpers.colab` before the pinned stack is installed,
 # and importing torch or transformers then would pin their preinstalled versions until a restart.
-_REEXPORTS = {"get_secret": "settings", "in_colab": "settings", "setup": "settings",
+_REEXPORTS = {"get_secret": "settings", "in_colab": "settings", "setup": "settings", "pick_profile": "settings",
+              "visual_tokens_per_view": "modeling", "nlg_metrics": "metrics",
               "split_regions": "regions"}  # also what the Task-1 scorer (shared/tools/score_splitter.py) calls
 __all__ = sorted(_REEXPORTS)
 

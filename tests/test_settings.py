@@ -36,3 +36,12 @@ def test_demo_and_unknown_profiles(tmp_path):
         settings.resolve("colab")
     with pytest.raises(FileNotFoundError, match="annotation.json not found"):
         settings.setup("demo", data_dir=tmp_path)
+
+
+def test_the_issue_facing_names_are_reexported():
+    import helpers
+    from helpers import metrics, modeling
+
+    assert helpers.pick_profile is pick_profile and helpers.setup is settings.setup
+    assert helpers.visual_tokens_per_view is modeling.visual_tokens_per_view
+    assert helpers.nlg_metrics is metrics.nlg_metrics
