@@ -58,3 +58,12 @@ def model_and_processor(load_tiny):
     from helpers.modeling import DEFAULT_VISUAL_TOKENS
 
     return load_tiny(DEFAULT_VISUAL_TOKENS)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures the code under test drew are closed after each test (pyplot keeps them otherwise)."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
