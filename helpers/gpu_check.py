@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -29,8 +28,8 @@ from .demo_models import TINY_LLAVA, build_random_judge, build_random_llava, tok
 from .generation import generate_batch  # noqa: E402
 from .modeling import load_for_inference  # noqa: E402
 from .runs import Artifacts, Run  # noqa: E402
-from .settings import REPO_ROOT, default_dtype, peak_gpu_memory_gb, resolve  # noqa: E402
-from .storage import atomic_write_json  # noqa: E402
+from .settings import REPO_ROOT, default_dtype, gpu, peak_gpu_memory_gb, resolve  # noqa: E402
+from .storage import atomic_write_json, free_gpu_memory  # noqa: E402
 
 PARTS = ("train", "generate", "judge")
 VISUAL_TOKEN_MODES = ("tile", "base")
@@ -108,9 +107,8 @@ def synthetic_studies(workdir: Path, count: int, views: int, sample: list[Study]
 
 
 def _free():
-    gc.collect()
+    free_gpu_memory()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -246,13 +244,9 @@ def measure_judge(workdir: Path, sizes: dict, sample: list[Study]) -> list[dict]
 def device_info() -> dict:
     from importlib.metadata import version
 
-    info = {"gpu": None, "capability": None, "total_memory_gib": None,
-            **{name: version(name) for name in ("torch", "transformers", "peft", "trl", "bitsandbytes")}}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(0)),
-                    total_memory_gib=round(props.total_memory / 2**30, 1))
-    return info
+    name, memory, capability = gpu()
+    return {"gpu": name, "capability": capability and list(capability), "total_memory_gib": memory,
+            **{package: version(package) for package in ("torch", "transformers", "peft", "trl", "bitsandbytes")}}
 
 
 def problems(result: dict) -> list[str]:

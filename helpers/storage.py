@@ -111,7 +111,7 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
                 records = None
             if records is None:  # retried here, after the except block released the failed batch's tensors
                 batch_size //= 2
-                _free_gpu_memory()
+                free_gpu_memory()
                 bar.write(f"{desc}: out of GPU memory, batch size now {batch_size}")
                 continue
             store.append(records)
@@ -121,7 +121,7 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
             "seconds": round(time.time() - start, 2), "batch_size": batch_size}
 
 
-def _free_gpu_memory() -> None:
+def free_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
