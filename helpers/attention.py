@@ -151,3 +151,21 @@ def analyze_study(model, processor, study, *, max_views: int, max_new_tokens: in
             "heatmaps": base_heatmaps(result["attention"], positions, layouts, regions, layers),
             "attention": result["attention"], "positions": positions, "layouts": layouts,
             "char_ends": token_char_ends(processor.tokenizer, result["ids"])}
+
+
+def chosen_studies(splits: dict[str, list], ids: list[str] | None = None, first: int = 3) -> list:
+    """The studies named by `ids` (val or test), else the first `first` val studies."""
+    by_id = {s.id: s for items in splits.values() for s in items}
+    unknown = sorted(set(ids or ()) - set(by_id))
+    if unknown:
+        raise ValueError(f"ATTENTION_IDS not among the readable val/test studies: {unknown}")
+    return [by_id[i] for i in ids] if ids else splits["val"][:first]
+
+
+def analyze_studies(model, processor, studies, **options) -> list[dict]:
+    """`analyze_study` for each study, printing what the model wrote."""
+    analyses = []
+    for study in studies:
+        analyses.append(analyze_study(model, processor, study, **options))
+        print(f"{study.id}: {analyses[-1]['text']!r}")
+    return analyses

@@ -16,10 +16,12 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, Llama
                           MistralConfig, PreTrainedTokenizerFast)
 from trl.chat_template_utils import llava_next_chat_template  # the template llava-v1.6-mistral-7b-hf ships
 
-from .judge import GREEN_MAX_LENGTH, green_scorer
-from .modeling import HUB_PINPOINTS
+from .judge import DEFAULT_JUDGE, GREEN_MAX_LENGTH, green_scorer
+from .modeling import DEFAULT_MODEL_ID, HUB_PINPOINTS
 from .reports import INSTRUCTION, format_report
+from .settings import processes
 
+BUILT_NOTE = "TINY_RANDOM_MODEL.json"
 TINY_IMAGE_SIZE = 56  # tiny CLIP tile: 4x4 patches of 14 px
 # Config widths of the stand-ins; helpers.gpu_check passes the real 7B ones. Multiples of 64, so bitsandbytes' 4-bit
 # layers also run on the CPU. initializer_range 0.1, not 0.02: with tiny random weights the frozen lm_head would keep
@@ -66,18 +68,40 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def _save_once(out_dir: str | Path, build, seed: int, device: str) -> Path:
-    """Build (model, tokenizer or processor) with a fixed seed and save it, unless `out_dir` already holds one."""
+    """Build (model, tokenizer or processor) with a fixed seed and save it, unless `out_dir` already holds one.
+
+    The note is written last, so a build killed halfway is redone; with several processes the main one builds it.
+    """
     out_dir = Path(out_dir)
-    if not (out_dir / "config.json").is_file():
-        torch.manual_seed(seed)
-        with torch.device(device):  # 7B weights are drawn straight on the GPU (helpers.gpu_check)
-            model, preprocessor = build()
-        model.save_pretrained(out_dir)
-        preprocessor.save_pretrained(out_dir)
-        (out_dir / "TINY_RANDOM_MODEL.json").write_text(json.dumps(
-            {"note": "random weights, built offline by helpers.demo_models; outputs are meaningless", "seed": seed,
-             "class": type(model).__name__}, indent=2))
+    with processes().main_process_first():
+        if not (out_dir / BUILT_NOTE).is_file():
+            torch.manual_seed(seed)
+            with torch.device(device):  # 7B weights are drawn straight on the GPU (helpers.gpu_check)
+                model, preprocessor = build()
+            model.save_pretrained(out_dir)
+            preprocessor.save_pretrained(out_dir)
+            (out_dir / BUILT_NOTE).write_text(json.dumps(
+                {"note": "random weights, built offline by helpers.demo_models; outputs are meaningless",
+                 "seed": seed, "class": type(model).__name__}, indent=2))
     return out_dir
+
+
+def llava_id(settings, artifacts, studies, model_id: str | None = None) -> str:
+    """`model_id`, else in the demo the tiny LLaVA-NeXT (built once in models/tiny-llava), else the default 7B."""
+    if model_id:
+        return str(model_id)
+    if settings.offline:
+        return str(build_random_llava(artifacts.models_dir / "tiny-llava", tokenizer_corpus(studies)))
+    return DEFAULT_MODEL_ID
+
+
+def judge_id(settings, artifacts, studies, model_id: str | None = None) -> str:
+    """`model_id`, else in the demo the tiny judge (built once in models/tiny-green-judge), else GREEN-RadLlama2-7b."""
+    if model_id:
+        return str(model_id)
+    if settings.offline:
+        return str(build_random_judge(artifacts.models_dir / "tiny-green-judge", tokenizer_corpus(studies)))
+    return DEFAULT_JUDGE
 
 
 def build_random_llava(out_dir: str | Path, texts: list[str], *, image_size: int = TINY_IMAGE_SIZE,

@@ -1,17 +1,19 @@
 """Notebook 03: batched deterministic generation, per-region token confidence, resumable predictions, summary."""
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .data import REGIONS, DataError, study_images
+from .data import REGIONS, DataError, by_split, load_studies, readable_studies, study_images
 from .modeling import generation_inputs
 from .reports import degenerate_reasons, parse_report
-from .settings import peak_gpu_memory_gb
-from .storage import JsonlStore, run_batches
+from .runs import SPLIT_NAMES
+from .settings import peak_gpu_memory_gb, processes
+from .storage import JsonlStore, open_store, run_sharded
 
 
 def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
@@ -93,9 +95,11 @@ def generate_split(model, processor, studies, out_path: str | Path, *, max_views
                    max_new_tokens: int = 256, num_beams: int = 1, repetition_penalty: float = 1.0) -> dict:
     """Generate for every study not yet in `out_path`, appending one batch at a time; returns speed figures.
 
-    `batch_size` is where it starts: it halves on CUDA out-of-memory (the batch is redone, nothing lost).
+    `batch_size` is where it starts: it halves on CUDA out-of-memory (the batch is redone, nothing lost). Under
+    `torchrun` / `accelerate launch` the batches are spread over the processes (`storage.run_sharded`); the figures
+    are then of all processes together.
     """
-    store = JsonlStore(out_path, key_field="id")
+    store = open_store(out_path, key_field="id")
     # batches of equal view count pad less; output does not depend on the batch (tested)
     ordered = sorted(studies, key=lambda s: min(len(s.image_paths), max_views))
     if torch.cuda.is_available():
@@ -106,15 +110,34 @@ def generate_split(model, processor, studies, out_path: str | Path, *, max_views
                               max_new_tokens=max_new_tokens, num_beams=num_beams,
                               repetition_penalty=repetition_penalty)
 
-    done_before = set(store.records)
-    run = run_batches(store, ordered, lambda s: s.id, generate, batch_size=batch_size, desc=Path(out_path).name,
-                      unit="study")
-    tokens = sum(r["n_tokens"] for key, r in store.records.items() if key not in done_before)
-    seconds, generated = run["seconds"], run["done_now"]
+    done_before, start = set(store.records), time.time()
+    store, run = run_sharded(store, ordered, lambda s: s.id, generate, batch_size=batch_size,
+                             desc=Path(out_path).name, unit="study")
+    seconds = round(time.time() - start, 2)
+    new = [r for key, r in store.records.items() if key not in done_before]
+    generated, tokens = len(new), sum(r["n_tokens"] for r in new)
     return {"file": str(out_path), "studies": len(studies), "generated_now": generated,
-            "already_done": run["done_before"], "seconds": seconds, "batch_size": run["batch_size"],
+            "already_done": len(done_before & {s.id for s in studies}), "seconds": seconds,
+            "processes": processes().num_processes, "batch_size": run["batch_size"],
             "studies_per_s": round(generated / seconds, 3) if generated else None,
             "tokens_per_s": round(tokens / seconds, 1) if generated else None, "peak_gpu_memory_gb": peak_gpu_memory_gb()}
+
+
+def studies_to_generate(data_dir, artifacts, max_views: int) -> tuple[dict[str, list], dict[str, dict]]:
+    """({split: readable val / test studies}, {study id: gold regions}); val has regions once notebook 01 ran."""
+    split_annotation = artifacts.split_annotation if artifacts.split_annotation.is_file() else None
+    studies = load_studies(data_dir, annotation_path=split_annotation, require_images=tuple(SPLIT_NAMES))
+    references = {s.id: s.regions for s in studies if s.regions}
+    splits = {split: readable_studies(by_split(studies, split), max_views) for split in SPLIT_NAMES}
+    for split, items in splits.items():
+        print(f"{split}: {len(items)} studies, {sum(s.id in references for s in items)} with a reference")
+    return splits, references
+
+
+def generate_splits(model, processor, splits: dict[str, list], run, **options) -> dict[str, dict]:
+    """`generate_split` for each split into the run's predictions_{split}.jsonl; speed figures by split."""
+    return {split: generate_split(model, processor, items, run.predictions(split), **options)
+            for split, items in splits.items()}
 
 
 def load_predictions(path: str | Path, references: list | None = None) -> dict[str, dict]:
@@ -131,6 +154,15 @@ def load_predictions(path: str | Path, references: list | None = None) -> dict[s
         if not isinstance(regions, dict) or any(not isinstance(regions.get(k), str) for k in REGIONS):
             raise DataError(f"{path}: study {study_id}: 'regions' must map {list(REGIONS)} to strings")
     return records
+
+
+def summary_line(split: str, summary: dict) -> str:
+    """One line of `summarize`'s counts."""
+    s = summary
+    return (f"=== {split}: {s['studies']} studies, {s['parse_failures']} parse failures, degenerate "
+            f"{s['degenerate'] or 'none'}, {s['distinct_reports']} distinct reports, "
+            f"{s.get('hit_max_new_tokens', 'n/a')} stopped at max_new_tokens, {s['studies_with_reference']} with a "
+            f"reference")
 
 
 def summarize(records: list[dict], references: dict[str, dict] | None = None, *, top: int = 5,

@@ -129,6 +129,11 @@ def green_tables(frame, stats, system: str, n_boot: int = 1000, seed: int = 0):
     return table, pd.DataFrame.from_dict(ci, orient="index")
 
 
+def tables_by_system(frame, stats, n_boot: int = 1000, seed: int = 0) -> dict:
+    """`green_tables` of every system judged in `frame`, in the order they were given."""
+    return {system: green_tables(frame, stats, system, n_boot, seed) for system in frame.system.unique()}
+
+
 def markdown_table(table, ci=None, digits: int = 3) -> str:
     """A README-ready markdown table (pandas' to_markdown needs tabulate, not worth a dependency)."""
     def cell(row, column):

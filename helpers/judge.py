@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .lm import greedy_generate, left_padded, load_causal_lm
-from .storage import JsonlStore, run_batches, sha256
+from .storage import open_store, run_sharded, sha256
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-RadLlama2-7b"
 GREEN_MAX_LENGTH = 2048  # GREEN truncates prompts to this many tokens (and stops generating there)
@@ -110,13 +110,15 @@ class Judge:
                  token: str | None = None, batch_size: int = 8, max_new_tokens: int = 512):
         self.model_id, self.load_in_4bit, self.dtype, self.token = model_id, load_in_4bit, dtype, token
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.store = JsonlStore(cache_path, key_field="key")
+        self.store = open_store(cache_path, key_field="key")
         self.model = self.tokenizer = None
 
     def judge(self, pairs: list[tuple[str, str]]) -> list[dict]:
         """One cached record per (reference, candidate) pair, in order; identical pairs are judged once.
 
-        Batches start at `batch_size` and halve on CUDA out-of-memory (the batch is redone, nothing lost).
+        Batches start at `batch_size` and halve on CUDA out-of-memory (the batch is redone, nothing lost). Under
+        `torchrun` / `accelerate launch` the batches are spread over the processes (`storage.run_sharded`), each of
+        which loads the judge on its own GPU.
         """
         keys = [judge_key(self.model_id, reference, candidate) for reference, candidate in pairs]
         unique = dict(zip(keys, pairs))
@@ -140,7 +142,7 @@ class Judge:
                          "max_new_tokens": self.max_new_tokens, "seconds": round(seconds, 3), **result}
                         for key, result in zip(batch, results)]
 
-            run = run_batches(self.store, todo, lambda key: key, judge_batch, batch_size=self.batch_size,
-                              desc="GREEN judge", unit="pair")
+            self.store, run = run_sharded(self.store, todo, lambda key: key, judge_batch, batch_size=self.batch_size,
+                                          desc="GREEN judge", unit="pair")
             self.batch_size = run["batch_size"]  # what fitted: the next call starts there
         return [self.store.get(key) for key in keys]

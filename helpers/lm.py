@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .settings import default_dtype
+from .settings import default_dtype, processes
 
 # Vision tower, projector and lm_head stay in 16 bits under 4-bit. transformers 5 matches `llm_int8_skip_modules`
 # against the start of the module path, so bare names ("vision_tower") are ignored.
@@ -22,10 +22,16 @@ def load_weights(auto_class, model_id: str, *, load_in_4bit: bool = False, dtype
     """`auto_class.from_pretrained` in 4-bit (nf4, see bnb_4bit_config) or in `dtype`, straight onto the GPU when
     there is one (device_map: shards go to the GPU as they are read, the model is never whole in CPU memory)."""
     dtype = dtype or default_dtype()
-    kwargs = {"dtype": dtype, "token": token, "device_map": {"": 0 if torch.cuda.is_available() else "cpu"}, **kwargs}
+    kwargs = {"dtype": dtype, "token": token, "device_map": process_device_map(), **kwargs}
     if load_in_4bit:
         kwargs["quantization_config"] = bnb_4bit_config(dtype)
     return auto_class.from_pretrained(model_id, **kwargs)
+
+
+def process_device_map() -> dict:
+    """The whole model on this process's own GPU (GPU i for the i-th process on a machine under torchrun or
+    accelerate launch, as TRL's QLoRA multi-GPU recipe places it), or on the CPU."""
+    return {"": processes().local_process_index if torch.cuda.is_available() else "cpu"}
 
 
 def left_padded(tokenizer, pad_token: str | None = None):
@@ -55,8 +61,8 @@ def greedy_generate(model, tokenizer, texts: list[str], max_new_tokens: int, *, 
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens,
                       truncation=max_length is not None, max_length=max_length).to(model.device)
     prompt_length = batch["input_ids"].shape[1]
-    if max_length is not None:
-        max_new_tokens = min(max_new_tokens, max_length - prompt_length)
+    if max_length is not None:  # a prompt that fills the budget still gets one token: an unparseable, counted answer
+        max_new_tokens = max(1, min(max_new_tokens, max_length - prompt_length))
     stop = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
     with torch.inference_mode():
         sequences = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

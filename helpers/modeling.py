@@ -14,7 +14,7 @@ from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from trl.chat_template_utils import get_training_chat_template
 
 from .lm import left_padded, load_weights
-from .reports import user_message
+from .reports import INSTRUCTION, user_message
 from .settings import get_secret
 
 # PEFT 0.21's PeftModel() reads transformers' deprecated `is_gradient_checkpointing`: its call, not ours
@@ -54,6 +54,14 @@ def model_config(config, visual_tokens: str):
             tie_word_embeddings=config.tie_word_embeddings,
             image_seq_length=(side // config.vision_config.patch_size) ** 2)
     return config
+
+
+def vision_layers_used(config) -> int:
+    """How many vision-tower layers the image features pass through: hidden state i is the output of layer i - 1,
+    and `vision_feature_layer` (one index or several) picks the hidden states the projector reads."""
+    chosen = config.vision_feature_layer
+    hidden_states = config.vision_config.num_hidden_layers + 1  # the embeddings, then one per layer
+    return max(i % hidden_states for i in (chosen if isinstance(chosen, (list, tuple)) else [chosen]))
 
 
 def fit_processor(processor, config):
@@ -156,18 +164,23 @@ def generation_inputs(processor, views: list[list], model=None):
     return inputs
 
 
-def load_for_inference(run, load_in_4bit: bool | None = None, attn_implementation: str | None = None):
+def load_for_inference(run, load_in_4bit: bool | None = None, attn_implementation: str | None = None, *,
+                       small_gpu: bool = False):
     """Base model + trained adapter of a notebook-02 run (`runs.Run`), with that run's processor and settings.
 
-    Returns (model, processor, config); `load_in_4bit=None` loads the base model the way it was trained.
+    Returns (model, processor, config). `load_in_4bit=None`: the way it was trained, or 4-bit when `small_gpu`
+    (`settings.inference_4bit`). The run must have been trained with the prompt this code generates with.
     """
     config = run.config
     if not run.trained:
         raise FileNotFoundError(f"{run.adapter_dir}: no trained adapter (adapter_config.json missing); run notebook "
                                 f"02 to the end for run {run.name!r} first")
+    if config["instruction"] != INSTRUCTION:
+        raise ValueError(f"{run.config_path}: the run was trained with another instruction:\n"
+                         f"{config['instruction']!r}\nthis code prompts with\n{INSTRUCTION!r}")
     model, processor = load_model_and_processor(
         config["model_id"], visual_tokens=config["visual_tokens"],
-        load_in_4bit=config["load_in_4bit"] if load_in_4bit is None else load_in_4bit,
+        load_in_4bit=(config["load_in_4bit"] or small_gpu) if load_in_4bit is None else load_in_4bit,
         attn_implementation=attn_implementation, processor_id=str(run.adapter_dir), token=get_secret("HF_TOKEN"))
     model = PeftModel.from_pretrained(model, run.adapter_dir)
     model.eval()

@@ -107,6 +107,14 @@ def plot_heatmaps(analysis: dict, path, layers: str = "all layers"):
     return _save(fig, path)
 
 
+def plot_attention(analyses: list[dict], out_dir, layers=None) -> None:
+    """Both attention figures of each analysed study: <id>_visual_share.png and <id>_heatmaps.png."""
+    for analysis in analyses:
+        plot_shares(analysis, Path(out_dir) / f"{analysis['id']}_visual_share.png")
+        plot_heatmaps(analysis, Path(out_dir) / f"{analysis['id']}_heatmaps.png",
+                      f"layers {layers}" if layers else "all layers")
+
+
 def _line_spans(text: str, columns: int) -> list[tuple[int, int]]:
     """(start, end) in `text` of each line shown: its lines wrapped at `columns` characters, no character dropped."""
     spans, start = [], 0

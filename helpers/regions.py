@@ -17,8 +17,8 @@ from .data import ALL_REGIONS
 from .lm import greedy_generate, load_causal_lm
 from .region_checks import extract_json_object, schema_problems, validate_split
 from .rules import RULES_VERSION, split_rules
-from .settings import get_secret
-from .storage import JsonlStore, run_batches, sha256
+from .settings import get_secret, in_colab
+from .storage import JsonlStore, atomic_write_json, run_batches, sha256
 
 PROMPT_VERSION = "regions-v1"  # bump on any change of the prompt or few-shot examples: it invalidates the cache
 DEFAULT_OPENAI_MODEL = "gpt-4o-2024-08-06"
@@ -276,6 +276,31 @@ def split_many(reports: dict[str, str], backend: str = "rules", cache_path=None,
             run.regions[i], run.violations[i] = record["regions"], record["violations"]
     run.n_new = len(run.regions) - run.n_cached
     return run
+
+
+def choose_backend(settings, backend: str | None = None, openai_model: str = DEFAULT_OPENAI_MODEL,
+                   hf_model: str = DEFAULT_HF_MODEL) -> tuple[str, dict]:
+    """(backend, its options): None means "openai" in Colab when OPENAI_API_KEY is set, else "rules" (the demo and
+    the commands default to the offline splitter; pass "openai" or "hf" to use one)."""
+    if backend is None:
+        use_openai = not settings.offline and in_colab() and get_secret("OPENAI_API_KEY") is not None
+        backend = "openai" if use_openai else "rules"
+    options = {"openai": {"model": openai_model},
+               "hf": {"model": hf_model, "load_in_4bit": settings.inference_4bit}}.get(backend, {})
+    print(f"backend={backend} {options}  prompt={PROMPT_VERSION}")
+    return backend, options
+
+
+def val_reports(annotation: dict) -> dict[str, str]:
+    """The validation reports to split, by study id (val entries carry only their original text)."""
+    return {entry["id"]: entry["original_report"] for entry in annotation["val"]}
+
+
+def write_outputs(artifacts, annotation: dict, split_run: SplitRun) -> list:
+    """regions/val_regions.json and regions/annotation_with_val.json, which notebooks 03 and 04 read."""
+    atomic_write_json(artifacts.regions_dir / "val_regions.json", split_run.regions)
+    atomic_write_json(artifacts.split_annotation, annotation_with_regions(annotation, split_run.regions))
+    return [artifacts.regions_dir / "val_regions.json", artifacts.split_annotation]
 
 
 def annotation_with_regions(annotation: dict, regions: dict[str, dict], split: str = "val") -> dict:

@@ -9,7 +9,6 @@ papermill's own -p does), over the chain's own.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import tempfile
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import papermill
 from traitlets.config import Config
+
+from .commands import parameter_value
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEMO_RUNS = {"demo-two_stage": "two_stage", "demo-qlora": "qlora"}  # two presets, so notebook 04 compares two runs
@@ -46,14 +47,6 @@ def run_notebook(name: str, artifacts_dir: str | Path, profile: str = "demo", **
     return executed
 
 
-def _value(text: str):
-    """A Python literal (numbers, True, None, lists) when it parses as one, else the text itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="demo", help="PROFILE of every notebook (default: demo)")
@@ -63,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("notebooks", nargs="*", help="names to run (default: all, in order)")
     args = parser.parse_args(argv)
     steps = [(name, {}) for name in args.notebooks] or DEMO_STEPS
-    parameters = {name: _value(value) for name, value in args.parameter}
+    parameters = {name: parameter_value(value) for name, value in args.parameter}
     declared = {name: declared_parameters(name) for name, _ in steps}
     unknown = set(parameters) - set().union(*declared.values())
     if unknown:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 DRIVE_ROOT = Path("/content/drive/MyDrive/xray-rrg")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# How long a process waits for the others at a barrier: the main process alone may load a 7B model or embed every
+# study first (torch's default for NCCL is 10 minutes).
+PROCESS_WAIT = timedelta(hours=2)
 SMALL_GPU_GIB = 24  # below this a 7B model in 16 bits (~14 GiB of weights) leaves too little room: load it in 4-bit
 
 # What each profile trains and runs with. Precision is not a profile setting: it follows the GPU (`precision_for`).
@@ -154,6 +158,15 @@ def get_secret(name: str) -> str | None:
         except Exception:  # secret absent or notebook access not granted: fall back to the environment
             pass
     return os.environ.get(name) or None
+
+
+def processes():
+    """This process among those `torchrun` or `accelerate launch` started (the only one in a notebook): accelerate's
+    `PartialState`, whose `process_index`, `num_processes`, `is_main_process`, `wait_for_everyone()` and
+    `main_process_first()` the steps use; without a GPU the processes talk through gloo on the CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=PROCESS_WAIT)
 
 
 def peak_gpu_memory_gb() -> float | None:

@@ -1,4 +1,5 @@
-"""Files that survive a kill: atomic writes, and append-only JSONL keyed by a content hash."""
+"""Files that survive a kill: atomic writes, append-only JSONL keyed by a content hash, and the one resumable batch
+loop, also spread over the processes of `torchrun` / `accelerate launch` (one shard file each, merged at the end)."""
 from __future__ import annotations
 
 import gc
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .settings import processes
 
 
 def sha256(*parts: str) -> str:
@@ -61,9 +64,13 @@ class JsonlStore:
                     self.torn_lines += 1
                     continue
                 self.records.setdefault(record[key_field], record)
-            if self.torn_lines:
-                # rewrite without the torn line so appends start on a clean line
-                atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()))
+            if self.torn_lines:  # rewrite without the torn line so appends start on a clean line
+                self.write(list(self.records.values()))
+
+    def write(self, records: list[dict]) -> None:
+        """Replace the file's content with `records` (atomically) and keep them."""
+        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.records = {r[self.key_field]: r for r in records}
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
@@ -119,6 +126,69 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
             bar.update(len(batch))
     return {"items": len(items), "done_now": len(todo), "done_before": len(items) - len(todo),
             "seconds": round(time.time() - start, 2), "batch_size": batch_size}
+
+
+def shard_path(path: Path, process_index: int) -> Path:
+    """Where process `process_index` appends its records of `path` during a multi-process step."""
+    return path.with_name(f"{path.stem}.process-{process_index}{path.suffix}")
+
+
+def _merge_shards(store: JsonlStore, order: list[str] = ()) -> None:
+    """Fold every process shard of `store` into it (new keys only, those in `order` in that order) and delete them.
+
+    A kill after the write and before the deletion leaves shards whose keys are all in the store: merging them again
+    adds nothing.
+    """
+    shards = sorted(store.path.parent.glob(f"{store.path.stem}.process-*{store.path.suffix}"))
+    if not shards:
+        return
+    new = {}
+    for shard in shards:
+        for key, record in JsonlStore(shard, store.key_field).records.items():
+            if key not in store and key not in new:
+                new[key] = record
+    position = {key: i for i, key in enumerate(order)}
+    store.write([*store.records.values(), *sorted(new.values(), key=lambda r: position.get(r[store.key_field],
+                                                                                             len(position)))])
+    for shard in shards:
+        shard.unlink()
+
+
+def open_store(path: str | Path, key_field: str = "key") -> JsonlStore:
+    """The JsonlStore at `path`, with what a killed multi-process run left in its shards merged in first (by the
+    main process; the others wait for it). Every process of the step calls this."""
+    state = processes()
+    if state.is_main_process:
+        _merge_shards(JsonlStore(path, key_field))
+    state.wait_for_everyone()
+    return JsonlStore(path, key_field)
+
+
+def run_sharded(store: JsonlStore, items: list, key, work, *, batch_size: int, desc: str, unit: str = "item",
+                progress: bool = True) -> tuple[JsonlStore, dict]:
+    """`run_batches` spread over the processes of this step; returns the store with every process's records and the
+    counts of this process.
+
+    One process: `run_batches` itself. Several: the pending items are cut into the batches one process would run and
+    process i takes batches i, i + n, …, so each batch, hence each greedy output, is the one a single process
+    computes. Each process appends to its own shard (resumable like the store); then the main process merges the
+    shards into the store in `items` order, and every process reads the merged store back.
+    """
+    state = processes()
+    if state.num_processes == 1 or store.path is None:
+        return store, run_batches(store, items, key, work, batch_size=batch_size, desc=desc, unit=unit,
+                                  progress=progress)
+    todo = [item for item in items if key(item) not in store]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    mine = [item for batch in batches[state.process_index::state.num_processes] for item in batch]
+    shard = JsonlStore(shard_path(store.path, state.process_index), store.key_field)
+    counts = run_batches(shard, mine, key, work, batch_size=batch_size, unit=unit, progress=progress,
+                         desc=f"{desc} [process {state.process_index + 1}/{state.num_processes}]")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _merge_shards(store, [key(item) for item in items])
+    state.wait_for_everyone()
+    return JsonlStore(store.path, store.key_field), counts
 
 
 def free_gpu_memory() -> None:

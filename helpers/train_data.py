@@ -6,6 +6,7 @@ import statistics
 from datasets import Dataset, Image, List
 from PIL import Image as PILImage
 
+from .data import by_split, load_studies, readable_studies
 from .modeling import image_tokens_per_view
 from .reports import format_report, user_message
 from .storage import sha256
@@ -19,6 +20,15 @@ def holdout_split(studies, fraction: float = 0.05, min_count: int = 2):
     ranked = sorted(studies, key=lambda s: sha256("holdout", s.id))
     held = {s.id for s in ranked[:max(min_count, round(len(studies) * fraction))]}
     return [s for s in studies if s.id not in held], [s for s in studies if s.id in held]
+
+
+def training_studies(data_dir, max_views: int, holdout_fraction: float = 0.05):
+    """(studies to train on, held-out slice): the train split's studies whose images read, cut by `holdout_split`."""
+    train_split = readable_studies(by_split(load_studies(data_dir, require_images="train"), "train"), max_views)
+    fit, held = holdout_split(train_split, holdout_fraction)
+    print(f"train split: {len(train_split)} readable studies -> {len(fit)} to train on, {len(held)} held out for "
+          f"model selection")
+    return fit, held
 
 
 def conversation(study, max_views: int) -> list[dict]:
@@ -55,6 +65,17 @@ def token_counts(studies, processor, max_views: int) -> list[dict]:
         counts.append({"id": study.id, "image_tokens": image_tokens, "text_tokens": text_tokens,
                        "target_tokens": len(target) + 1, "total": image_tokens + text_tokens})  # +1: </s>
     return counts
+
+
+def token_budget(studies, processor, max_views: int) -> dict:
+    """`max_length` (the longest study, so image tokens are never truncated) and the longest target, which
+    `make_config` records; the distributions are printed."""
+    counts = token_counts(studies, processor, max_views)
+    for key in ("image_tokens", "text_tokens", "target_tokens", "total"):
+        print(f"{key:>13}: {describe([c[key] for c in counts])}")
+    longest = max(counts, key=lambda c: c["total"])
+    print(f"max_length = {longest['total']} (longest study: {longest['id']})")
+    return {"max_length": longest["total"], "target_tokens_max": max(c["target_tokens"] for c in counts)}
 
 
 def describe(values: list[int]) -> str:

@@ -14,23 +14,32 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
 from peft.utils import load_peft_weights
+from transformers import AutoConfig
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from .data import study_images
 from .generation import default_max_new_tokens, generate_batch
 from .metrics import nlg_metrics
-from .modeling import load_model_and_processor, training_chat_template
+from .modeling import load_model_and_processor, training_chat_template, vision_layers_used
 from .reports import INSTRUCTION, whole_report
-from .settings import get_secret, peak_gpu_memory_gb, torch_dtype
+from .settings import get_secret, peak_gpu_memory_gb, processes, torch_dtype
 from .storage import atomic_write_json
 from .train_data import build_dataset
 
 HOLDOUT_NLG_STUDIES = 32  # held-out studies generated after each stage for `holdout_nlg`: a cheap check, not a test
 # PEFT full-matches these against module paths such as "model.language_model.layers.0.self_attn.q_proj".
 LLM_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-VISION_TARGETS = r"model\.vision_tower\..*\.(q_proj|k_proj|v_proj|out_proj)"
 PROJECTOR = "multi_modal_projector"
+
+
+def vision_targets(layers: int) -> str:
+    """LoRA targets in the first `layers` layers of the vision tower: those whose output the image features read.
+
+    LLaVA takes the features from `vision_feature_layer` (-2: the input of the last layer), so LoRA on a later layer
+    would get no gradient, and DDP stops when a trainable parameter gets none.
+    """
+    return rf"model\.vision_tower\..*\.layers\.({'|'.join(map(str, range(layers)))})\..*\.(q_proj|k_proj|v_proj|out_proj)"
 
 
 def _stage(name, epochs, lr, vision_lora, projector, llm_lora):
@@ -60,6 +69,11 @@ def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
     return stages
 
 
+def default_run_name(model_id: str, preset: str) -> str:
+    """RUN_NAME None: "<model>-<preset>", e.g. "llava-v1.6-mistral-7b-hf-two_stage"."""
+    return f"{str(model_id).rstrip('/').split('/')[-1]}-{preset}"
+
+
 def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_stage", epochs: int | None = None,
                 max_views: int = 3, visual_tokens: str | None = None, load_in_4bit: bool | None = None,
                 lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, stages: list[dict] | None = None,
@@ -70,6 +84,7 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
     stages (same keys as PRESETS); `extra` adds settings (e.g. token stats) or overrides the profile's (save_steps).
     """
     epochs = epochs or settings.epochs
+    model_config = AutoConfig.from_pretrained(model_id, token=get_secret("HF_TOKEN"))
     config = {"model_id": str(model_id), "profile": settings.profile, "preset": preset,
               "precision": settings.precision,
               "load_in_4bit": settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
@@ -78,7 +93,8 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
               "save_total_limit": 2, "logging_steps": settings.logging_steps,
               "stages": stages or resolve_stages(preset, epochs, settings.lr_scale), "max_views": max_views,
               "max_length": max_length, "instruction": INSTRUCTION,
-              "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout}, "seed": seed, **extra}
+              "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout},
+              "vision_lora_layers": vision_layers_used(model_config), "seed": seed, **extra}
     return json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
 
 
@@ -111,7 +127,7 @@ def set_trainable(model, stage: dict) -> dict:
 def lora_config(config: dict) -> LoraConfig:
     stages = config["stages"]
     targets = [LLM_TARGETS] if any(s["llm_lora"] for s in stages) else []
-    targets += [VISION_TARGETS] if any(s["vision_lora"] for s in stages) else []
+    targets += [vision_targets(config["vision_lora_layers"])] if any(s["vision_lora"] for s in stages) else []
     # PEFT needs one LoRA target: a projector-only run keeps a frozen LLM LoRA whose zero B leaves the model unchanged.
     lora = config["lora"]
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
@@ -143,6 +159,7 @@ def sft_config(config: dict, stage: dict, output_dir) -> SFTConfig:
         activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
         assistant_only_loss=True, max_length=config["max_length"],
         eval_strategy="steps", eval_steps=config["save_steps"], save_strategy="steps", save_steps=config["save_steps"],
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (vision_targets): no extra pass
         save_total_limit=config["save_total_limit"], load_best_model_at_end=True, metric_for_best_model="eval_loss",
         greater_is_better=False, logging_steps=config["logging_steps"], report_to="none", seed=config["seed"],
         dataloader_num_workers=0)
@@ -220,14 +237,19 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> di
     """Run (or resume) every stage of `run` (a `runs.Run`); returns the metrics also written to metrics.json.
 
     A finished stage is skipped; an unfinished one resumes from its last checkpoint (step count continues).
+    Under `torchrun` / `accelerate launch` every process runs this (the Trainer's DDP); only the main process writes
+    config.json, the stage records, the adapter and the metrics, and the others wait for it before reading them.
     """
+    state = processes()
     config = {**config, "holdout_ids": sorted(s.id for s in holdout_studies), "n_train": len(train_studies)}
-    _check_config(run, config)
+    with state.main_process_first():  # the main process writes config.json; the others then compare theirs with it
+        _check_config(run, config)
     if run.metrics_path.is_file() and run.trained:
         print(f"{run.name}: already trained; delete {run.train_dir} to train again")
         return json.loads(run.metrics_path.read_text(encoding="utf-8"))
     model, processor = load_training_model(config)
-    processor.save_pretrained(run.adapter_dir)  # now: TRL's collator leaves its truncation length in the tokenizer
+    if state.is_main_process:
+        processor.save_pretrained(run.adapter_dir)  # now: TRL's collator leaves its truncation length in the tokenizer
     train_dataset = build_dataset(train_studies, config["max_views"])
     holdout_dataset = build_dataset(holdout_studies, config["max_views"])
     metrics = {"run": run.name, "stages": []}
@@ -253,22 +275,31 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> di
         start = time.time()
         trainer.train(resume_from_checkpoint=last)
         seconds = time.time() - start
-        trainer.save_model(str(stage_dir / "final"))
-        state = trainer.state
-        samples = (state.global_step - resumed_from) * config["batch_size"] * config["grad_accum"]
-        record = {
-            "stage": index + 1, **stage, "trainable": counts, "global_step": state.global_step,
-            "resumed_from_step": resumed_from, "seconds": round(seconds, 1),
-            "samples_per_second": round(samples / seconds, 3),  # of this session: steps x batch x accumulation
-            "peak_gpu_memory_gb": peak_gpu_memory_gb(), "best_eval_loss": state.best_metric,
-            "best_checkpoint": state.best_model_checkpoint and Path(state.best_model_checkpoint).name,
-            "loss": [[h["step"], h["loss"]] for h in state.log_history if "loss" in h],
-            "eval_loss": [[h["step"], h["eval_loss"]] for h in state.log_history if "eval_loss" in h],
-            "holdout_nlg": holdout_nlg(model, processor, config, holdout_studies)}
-        atomic_write_json(done, record)
+        trainer.save_model(str(stage_dir / "final"))  # by the main process only (the Trainer's `should_save`)
+        record = _stage_record(index, stage, counts, trainer.state, resumed_from, seconds, config, state.num_processes)
+        # every process generates the same greedy reports (no process waits idle at a barrier for the main one)
+        record["holdout_nlg"] = holdout_nlg(model, processor, config, holdout_studies)
+        if state.is_main_process:
+            atomic_write_json(done, record)
+        state.wait_for_everyone()  # the next stage reads this stage's final weights
         metrics["stages"].append(record)
     # the last stage's selected weights, also when every stage had finished before this call
     set_peft_model_state_dict(model, load_peft_weights(str(stage_dirs[-1] / "final")))
-    model.save_pretrained(run.adapter_dir)
-    atomic_write_json(run.metrics_path, metrics)
+    if state.is_main_process:
+        model.save_pretrained(run.adapter_dir)
+        atomic_write_json(run.metrics_path, metrics)
+    state.wait_for_everyone()
     return metrics
+
+
+def _stage_record(index: int, stage: dict, counts: dict, trainer_state, resumed_from: int, seconds: float,
+                  config: dict, n_processes: int) -> dict:
+    # samples of this session: optimizer steps x batch per process x accumulation x processes
+    samples = (trainer_state.global_step - resumed_from) * config["batch_size"] * config["grad_accum"] * n_processes
+    return {"stage": index + 1, **stage, "trainable": counts, "global_step": trainer_state.global_step,
+            "resumed_from_step": resumed_from, "processes": n_processes, "seconds": round(seconds, 1),
+            "samples_per_second": round(samples / seconds, 3), "peak_gpu_memory_gb": peak_gpu_memory_gb(),
+            "best_eval_loss": trainer_state.best_metric,
+            "best_checkpoint": trainer_state.best_model_checkpoint and Path(trainer_state.best_model_checkpoint).name,
+            "loss": [[h["step"], h["loss"]] for h in trainer_state.log_history if "loss" in h],
+            "eval_loss": [[h["step"], h["eval_loss"]] for h in trainer_state.log_history if "eval_loss" in h]}

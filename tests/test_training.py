@@ -107,7 +107,9 @@ def test_stage_toggling_counts(two_stage, tiny_model_dir):
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     r = config["lora"]["r"]
-    llm, vision = expected_lora(base, training.LLM_TARGETS, r), expected_lora(base, training.VISION_TARGETS, r)
+    assert config["vision_lora_layers"] == base.config.vision_config.num_hidden_layers - 1  # feature layer -2
+    llm = expected_lora(base, training.LLM_TARGETS, r)
+    vision = expected_lora(base, training.vision_targets(config["vision_lora_layers"]), r)
     projector = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
     assert llm > 0 and vision > 0 and projector > 0
     stage1, stage2 = config["stages"]
@@ -123,6 +125,24 @@ def test_stage_toggling_counts(two_stage, tiny_model_dir):
     # the qlora preset puts no LoRA on the vision tower at all
     qlora = training.lora_config(config_for(tiny_model_dir, preset="qlora"))
     assert expected_lora(base, qlora.target_modules, r) == llm
+
+
+def test_vision_lora_stops_at_the_feature_layer():
+    """llava-v1.6-mistral-7b: CLIP ViT-L/14 has 24 layers and the features are hidden state -2, the output of layer
+    index 22, so LoRA goes on layers 0-22 and never on layer 23."""
+    import re
+
+    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
+
+    real = LlavaNextConfig(vision_config=CLIPVisionConfig(num_hidden_layers=24), text_config=MistralConfig(),
+                           vision_feature_layer=-2)
+    assert modeling.vision_layers_used(real) == 23
+    assert modeling.vision_layers_used(LlavaNextConfig(vision_config=CLIPVisionConfig(num_hidden_layers=24),
+                                                       text_config=MistralConfig(), vision_feature_layer=[-2, 5])) == 23
+    pattern = training.vision_targets(23)
+    layer = "model.vision_tower.encoder.layers.{}.self_attn.q_proj"  # transformers 5 module paths
+    assert re.fullmatch(pattern, layer.format(22)) and re.fullmatch(pattern, layer.format(0))
+    assert not re.fullmatch(pattern, layer.format(23)) and not re.fullmatch(pattern, layer.format(2) + "x")
 
 
 def test_presets():
@@ -158,9 +178,8 @@ def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, m
         model(**trainer.data_collator([dataset[i] for i in range(2)])).loss.backward()
         with_grad = {n for n, p in trainable.items() if p.grad is not None}
         assert {trainable[n].grad.dtype for n in with_grad} == {torch.float32}
-        # only the vision tower's last layer gets no gradient: vision_feature_layer=-2 reads the layer before it
-        last = f"vision_tower.encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."
-        assert all(last in n for n in set(trainable) - with_grad)
+        # every trainable parameter gets a gradient (DDP requires it): no LoRA after the layer the features read
+        assert with_grad == set(trainable)
         model.zero_grad()
         previous = {n: p.data.clone().add_(0.01) for n, p in trainable.items()}  # as if trained
         for name, value in previous.items():

@@ -1,0 +1,189 @@
+"""The four notebooks as commands, for a lab machine with one GPU or several:
+
+    python -m helpers split    | train | generate | evaluate  [--profile ...] [--run-name ...] ...
+    torchrun --nproc_per_node N -m helpers train | generate | evaluate ...
+    accelerate launch --num_processes N -m helpers train | generate | evaluate ...
+
+Each step's options are its notebook's parameters cell (names, defaults and comments are read from the notebook, so
+the two cannot drift apart), and each step calls the functions the notebook's cells call, writing the same artifacts
+to the same places. Under several processes `train` is the Trainer's DDP, and `generate` / `evaluate` spread their
+batches over the processes (`storage.run_sharded`); the main process alone prints and writes the reports and figures.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import papermill
+
+from .runs import Artifacts
+from .settings import get_secret, processes, setup
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = {"split": "01_region_prompting.ipynb", "train": "02_sft_lora_qlora.ipynb",
+             "generate": "03_generate.ipynb", "evaluate": "04_green_eval.ipynb"}
+SHOWN_ONLY = {"N_EXAMPLES"}  # notebook parameters that only choose what a notebook displays
+LISTS = {"RUN_NAMES", "ATTENTION_IDS", "ATTENTION_LAYERS"}  # given as several values: --run-names a b
+TEXT_SUFFIXES = ("_DIR", "_ID", "_NAME", "_RUN", "_MODEL", "PROFILE", "BACKEND", "PRESET", "VISUAL_TOKENS")
+
+
+def parameter_value(text: str):
+    """A Python literal (numbers, True, None, lists) when it parses as one, else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _option_value(name: str):
+    """How one option's text becomes the notebook parameter's value: names and paths stay text ("None" aside)."""
+    if name.endswith(TEXT_SUFFIXES):
+        return lambda text: None if text == "None" else text
+    return parameter_value
+
+
+def notebook_parameters(step: str) -> dict[str, dict]:
+    """The parameters cell of the step's notebook: {NAME: {"default": value, "help": its comment}}."""
+    found = papermill.inspect_notebook(str(NOTEBOOKS_DIR / NOTEBOOKS[step]))
+    return {name: {"default": parameter_value(p["default"]), "help": p["help"]} for name, p in found.items()
+            if name not in SHOWN_ONLY}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    for step, notebook in NOTEBOOKS.items():
+        sub = steps.add_parser(step, help=f"notebooks/{notebook}", description=f"notebooks/{notebook} as a command: each option is the notebook parameter of the same name. "
+                               f"Outside Colab a DATA_DIR / ARTIFACTS_DIR of None is data/ / artifacts/ of the repository "
+                               f"(data/sample, artifacts/demo with --profile demo).")
+        for name, p in notebook_parameters(step).items():
+            sub.add_argument(f"--{name.lower().replace('_', '-')}", dest=name, default=p["default"],
+                             type=_option_value(name), nargs="+" if name in LISTS else None,
+                             help=f"{p['help']} (default: {p['default']!r})".replace("%", "%%"))
+    return parser
+
+
+def split(p, settings, artifacts) -> None:
+    """Notebook 01: split the val reports into regions."""
+    from . import data, regions
+
+    if processes().num_processes > 1:
+        raise SystemExit("split runs in one process (an API or one local LLM): python -m helpers split ...")
+    backend, options = regions.choose_backend(settings, p.BACKEND, p.OPENAI_MODEL, p.HF_MODEL)
+    annotation = data.read_annotation(settings.data_dir / "annotation.json")
+    split_run = regions.split_many(regions.val_reports(annotation), backend=backend,
+                                   cache_path=artifacts.regions_dir / "cache.jsonl", **options)
+    print(split_run.summary())
+    for study_id, why in sorted(split_run.failures.items()):
+        print(f"failed {study_id}: {why}")
+    for path in regions.write_outputs(artifacts, annotation, split_run):
+        print("wrote", path)
+
+
+def train(p, settings, artifacts) -> None:
+    """Notebook 02: fine-tune, stage by stage (DDP under torchrun / accelerate launch)."""
+    from . import demo_models, modeling, plots, train_data, training
+
+    fit, held = train_data.training_studies(settings.data_dir, p.MAX_VIEWS, p.HOLDOUT_FRACTION)
+    model_id = demo_models.llava_id(settings, artifacts, fit + held, p.MODEL_ID)
+    visual_tokens = p.VISUAL_TOKENS or settings.visual_tokens
+    run = artifacts.run(p.RUN_NAME or training.default_run_name(model_id, p.PRESET))
+    processor = modeling.load_processor(model_id, visual_tokens=visual_tokens, token=get_secret("HF_TOKEN"))
+    processor.chat_template = modeling.training_chat_template(processor)
+    budget = train_data.token_budget(fit + held, processor, p.MAX_VIEWS)
+    config = training.make_config(settings, model_id=model_id, preset=p.PRESET, epochs=p.EPOCHS,
+                                  max_views=p.MAX_VIEWS, visual_tokens=visual_tokens, load_in_4bit=p.LOAD_IN_4BIT,
+                                  lora_r=p.LORA_R, lora_alpha=2 * p.LORA_R, **budget)
+    metrics = training.train(run, config, fit, held)
+    if processes().is_main_process:
+        plots.plot_losses(metrics, run.train_dir / "loss.png")
+        print(f"run {run.name}: adapter in {run.adapter_dir}, metrics in {run.metrics_path}")
+
+
+def generate(p, settings, artifacts) -> None:
+    """Notebook 03: reports for val and test (batches spread over the processes), then confidence and attention."""
+    from . import attention, generation, modeling, plots
+
+    run = artifacts.find_run(p.RUN_NAME)
+    model, processor, run_config = modeling.load_for_inference(run, p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
+    max_views = run_config["max_views"]
+    max_new_tokens = p.MAX_NEW_TOKENS or generation.default_max_new_tokens(run_config)
+    splits, references = generation.studies_to_generate(settings.data_dir, artifacts, max_views)
+    speed = generation.generate_splits(model, processor, splits, run, max_views=max_views,
+                                       batch_size=p.BATCH_SIZE or settings.generate_batch_size,
+                                       max_new_tokens=max_new_tokens, num_beams=p.NUM_BEAMS,
+                                       repetition_penalty=p.REPETITION_PENALTY)
+    if not processes().is_main_process:
+        return
+    records = {split: list(generation.load_predictions(run.predictions(split)).values()) for split in splits}
+    for split, figures in speed.items():
+        print(figures)
+        print(generation.summary_line(split, generation.summarize(records[split], references,
+                                                                  max_new_tokens=max_new_tokens)))
+    plots.plot_confidence_histogram(records["val"] + records["test"], run.attention_dir / "confidence.png")
+    chosen = attention.chosen_studies(splits, p.ATTENTION_IDS, p.ATTENTION_STUDIES)
+    analyses = attention.analyze_studies(model, processor, chosen, max_views=max_views, max_new_tokens=max_new_tokens,
+                                         layers=p.ATTENTION_LAYERS)
+    plots.plot_attention(analyses, run.attention_dir, p.ATTENTION_LAYERS)
+    print(f"wrote {run.generate_dir}: predictions_val.jsonl, predictions_test.jsonl, attention/")
+
+
+def evaluate(p, settings, artifacts) -> None:
+    """Notebook 04: GREEN per region for the runs and baselines (judge batches spread over the processes)."""
+    from . import data, evaluation, green, metrics
+
+    studies = data.load_studies(settings.data_dir, require_images=("train", "val", "test"))
+    plan = evaluation.make_plan(settings, artifacts, studies, run_names=p.RUN_NAMES, reference_run=p.REFERENCE_RUN,
+                                judge_model_id=p.JUDGE_MODEL_ID, judge_4bit=p.JUDGE_4BIT,
+                                judge_batch_size=p.JUDGE_BATCH_SIZE, judge_max_new_tokens=p.JUDGE_MAX_NEW_TOKENS,
+                                base_model_id=p.BASE_MODEL_ID, max_views=p.MAX_VIEWS)
+    print(plan)
+    refs = evaluation.references(settings, artifacts, studies)
+    predictions = evaluation.run_predictions(artifacts, plan.runs, refs)
+    systems = evaluation.with_baselines(predictions, data.by_split(studies, "train"), refs, artifacts, plan)
+    judge = evaluation.make_judge(artifacts, plan)
+    frame = green.evaluate(systems, refs, judge)
+    if not processes().is_main_process:
+        return
+    print(evaluation.judge_speed(judge))
+    stats = green.region_stats(frame)
+    tables = green.tables_by_system(frame, stats, p.N_BOOT, p.SEED)
+    print(evaluation.tables_in_words(tables, stats, plan))
+    diff = green.paired_differences(frame, plan.runs, plan.reference_run, p.N_BOOT, p.SEED)
+    print(green.differences_in_words(diff))
+    nlg = metrics.nlg_table(systems, refs, meteor=p.METEOR)
+    if nlg.METEOR.isna().all():
+        print("METEOR:", metrics.meteor_unavailable_reason() or "switched off (--meteor False)")
+    for path in green.write_outputs(frame, stats, tables, diff, nlg, artifacts, plan.runs):
+        print("wrote", path)
+    for path in evaluation.write_figures(frame, tables, artifacts, plan.runs):
+        print("wrote", path)
+
+
+STEPS = {"split": split, "train": train, "generate": generate, "evaluate": evaluate}
+
+
+def main(argv=None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    step = args.pop("step")
+    params = SimpleNamespace(**args)
+    state = processes()
+    with contextlib.ExitStack() as stack:
+        if not state.is_main_process:  # one process speaks; the others' progress bars still show (stderr)
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        settings = setup(params.PROFILE, params.DATA_DIR, params.ARTIFACTS_DIR)
+        STEPS[step](params, settings, Artifacts(settings.artifacts_dir))
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        state.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Notebook 04's steps, shared with `python -m helpers evaluate`: which runs, judge and retrieval model; the
+systems to judge (runs and baselines); the tables in words; every figure written."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import matplotlib.pyplot as plt
+
+from . import baselines, demo_models, plots
+from .data import DataError, by_split, load_studies
+from .generation import load_predictions
+from .green import PROTOCOL, markdown_table
+from .judge import Judge
+from .modeling import load_model_and_processor
+from .runs import SPLIT_NAMES
+from .settings import get_secret, processes
+from .storage import free_gpu_memory
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Notebook 04's parameters with every None resolved."""
+    runs: list[str]
+    reference_run: str
+    judge_model_id: str
+    judge_4bit: bool
+    judge_batch_size: int
+    judge_max_new_tokens: int
+    base_model_id: str  # retrieval embeddings
+    max_views: int
+
+    def __str__(self) -> str:
+        return "\n".join(f"{k:>21}: {v}" for k, v in asdict(self).items())
+
+
+def make_plan(settings, artifacts, studies, *, run_names=None, reference_run=None, judge_model_id=None, judge_4bit=None,
+         judge_batch_size=None, judge_max_new_tokens=None, base_model_id=None, max_views=None) -> Plan:
+    """Runs to compare (None: every run with predictions), the judge and the retrieval model (None: the first run's
+    base model; in the demo the tiny stand-ins), from the settings where not given."""
+    compared = artifacts.find_runs(run_names)
+    first = compared[0].config if compared[0].config_path.is_file() else {}
+    return Plan(runs=[r.name for r in compared], reference_run=reference_run or compared[0].name,
+                judge_model_id=demo_models.judge_id(settings, artifacts, studies, judge_model_id),
+                judge_4bit=settings.inference_4bit if judge_4bit is None else judge_4bit,
+                judge_batch_size=judge_batch_size or settings.judge_batch_size,
+                judge_max_new_tokens=judge_max_new_tokens or settings.judge_max_new_tokens,
+                base_model_id=demo_models.llava_id(settings, artifacts, studies, base_model_id or first.get("model_id")),
+                max_views=max_views or first.get("max_views", 3))
+
+
+def references(settings, artifacts, studies) -> dict[str, list]:
+    """The scored studies by split: val with notebook 01's region split, test as annotated."""
+    if not artifacts.split_annotation.is_file():
+        raise DataError(f"{artifacts.split_annotation} not found: the val references are notebook 01's split of the "
+                        f"val reports; run notebook 01 (or python -m helpers split) first")
+    with_val = load_studies(settings.data_dir, annotation_path=artifacts.split_annotation)
+    return {"val": by_split(with_val, "val"), "test": by_split(studies, "test")}
+
+
+def run_predictions(artifacts, run_names: list[str], refs: dict[str, list]) -> dict[str, dict[str, dict]]:
+    """{run: {split: predictions by study id}}, each checked against the split's studies (counts printed)."""
+    predictions = {name: {split: load_predictions(artifacts.run(name).predictions(split), refs[split])
+                          for split in SPLIT_NAMES} for name in run_names}
+    for name, per_split in predictions.items():
+        print(name, {split: f"{len(p)} predictions for {len(refs[split])} reference studies"
+                     for split, p in per_split.items()})
+    return predictions
+
+
+def with_baselines(predictions: dict, train, refs: dict[str, list], artifacts, plan: Plan) -> dict:
+    """The runs' predictions plus the template and retrieval baselines, as `green.evaluate` takes them.
+
+    With several processes the main one embeds the images (cached), the others read its cache.
+    """
+    with processes().main_process_first():
+        neighbors = baselines.retrieval_neighbors(
+            artifacts.retrieval_neighbors, plan.base_model_id, train, refs["val"] + refs["test"],
+            plan.max_views,
+            lambda: load_model_and_processor(plan.base_model_id, visual_tokens="base",
+                                             load_in_4bit=plan.judge_4bit, token=get_secret("HF_TOKEN")))
+    free_gpu_memory()  # the base model is no longer referenced: free its memory before the judge loads
+    return {**predictions,
+            "template": {split: baselines.template_predictions(train, studies) for split, studies in refs.items()},
+            "retrieval": {split: baselines.retrieval_predictions(
+                train, {s.id: neighbors[s.id] for s in studies if s.id in neighbors}) for split, studies in refs.items()}}
+
+
+def make_judge(artifacts, plan: Plan) -> Judge:
+    return Judge(plan.judge_model_id, artifacts.judge_cache, load_in_4bit=plan.judge_4bit,
+                 token=get_secret("HF_TOKEN"), batch_size=plan.judge_batch_size,
+                 max_new_tokens=plan.judge_max_new_tokens)
+
+
+def judge_speed(judge: Judge) -> str:
+    seconds = [r["seconds"] for r in judge.store.records.values()
+               if r.get("judge") == judge.model_id and "seconds" in r]
+    if not seconds:
+        return f"judge time: every pair came from the cache ({judge.store.path})"
+    return (f"judge time: {sum(seconds) / len(seconds):.2f} s per pair over the {len(seconds)} pairs it judged "
+            f"(all runs)")
+
+
+def tables_in_words(tables: dict, stats, plan: Plan) -> str:
+    """The protocol, then each system's GREEN table (markdown, 95% intervals) with its counts."""
+    parts = [PROTOCOL]
+    for system, (table, ci) in tables.items():
+        kind = "run" if system in plan.runs else "baseline"
+        scored = stats[stats.system == system]
+        parts.append(f"### {system} ({kind}), judge {plan.judge_model_id}: {scored.studies.max()} studies per "
+                     f"split, {scored.scored.sum()} pairs scored, {scored.unparseable.sum()} unparseable answers\n\n"
+                     + markdown_table(table, ci))
+    return "\n\n".join(parts)
+
+
+def write_figures(frame, tables: dict, artifacts, run_names: list[str]) -> list:
+    """Every figure of notebook 04, saved where the notebook saves it."""
+    paths = [artifacts.compare_dir / "plots" / "green_per_region.png"]
+    plots.plot_region_scores(tables, run_names, paths[0])
+    for name in run_names:
+        out = artifacts.run(name).eval_dir / "plots"
+        plots.plot_error_categories(frame, out / "error_categories.png", name)
+        plots.plot_score_distribution(frame, out / "score_distribution.png", name)
+        plots.plot_confidence_vs_green(frame, out / "confidence_vs_errors.png", name)
+        paths += [out / "error_categories.png", out / "score_distribution.png", out / "confidence_vs_errors.png"]
+    plt.close("all")
+    return paths
