@@ -28,6 +28,20 @@ def helpers_command(step, artifacts, *options, processes=1, **popen):
                             **popen)
 
 
+def kill_when(process, ready, what: str):
+    """Kill the launcher and every worker (like a lost node) as soon as `ready()`; fail if the run ends first."""
+    deadline = time.time() + 300
+    while not ready():
+        assert process.poll() is None and time.time() < deadline, f"never saw {what}: " + process.communicate()[0][-4000:]
+        time.sleep(0.02)
+    launcher = psutil.Process(process.pid)
+    members = [*launcher.children(recursive=True), launcher]
+    for member in members:
+        member.kill()
+    psutil.wait_procs(members, timeout=30)
+    process.communicate()
+
+
 def run_helpers(step, artifacts, *options, processes=1):
     process = helpers_command(step, artifacts, *options, processes=processes)
     output, _ = process.communicate(timeout=600)
@@ -127,6 +141,19 @@ def test_two_process_train_finishes_the_run(ddp_run, sample_studies):
     assert "already trained" in run_helpers("train", artifacts, "--run-name", "ddp", processes=2)
 
 
+def test_killed_two_process_train_resumes_from_its_checkpoint(tmp_path):
+    run = Artifacts(tmp_path).run("ddp")
+    stage2 = run.checkpoints_dir / "2_vision_lora"
+    process = helpers_command("train", tmp_path, "--run-name", "ddp", processes=2)
+    kill_when(process, lambda: any(stage2.glob("checkpoint-*/trainer_state.json")), "a stage-2 checkpoint")
+    assert not run.trained
+    run_helpers("train", tmp_path, "--run-name", "ddp", processes=2)
+    stage1, stage2_record = json.loads(run.metrics_path.read_text())["stages"]
+    assert stage1["resumed_from_step"] == 0  # done before the kill, skipped
+    assert stage2_record["resumed_from_step"] in (4, 8) and stage2_record["global_step"] == 8  # demo: save_steps 4
+    assert run.trained
+
+
 @pytest.fixture(scope="module")
 def one_process_predictions(ddp_run, tmp_path_factory):
     artifacts = copy_of_trained(ddp_run, tmp_path_factory.mktemp("one") / "artifacts")
@@ -149,16 +176,8 @@ def test_killed_two_process_generate_resumes_without_loss_or_duplicates(ddp_run,
     artifacts = copy_of_trained(ddp_run, tmp_path / "artifacts")
     generate_dir = artifacts / "generate" / "ddp"
     process = helpers_command("generate", artifacts, *GENERATE, processes=2)
-    deadline = time.time() + 300
-    while not any(p.stat().st_size for p in generate_dir.glob("predictions_val.process-*.jsonl")):
-        assert process.poll() is None and time.time() < deadline, process.communicate()[0][-4000:]
-        time.sleep(0.05)
-    launcher = psutil.Process(process.pid)
-    members = [*launcher.children(recursive=True), launcher]  # both workers and torchrun, like a lost node
-    for member in members:
-        member.kill()
-    psutil.wait_procs(members, timeout=30)
-    process.communicate()
+    kill_when(process, lambda: any(p.stat().st_size for p in generate_dir.glob("predictions_val.process-*.jsonl")),
+              "a first prediction")
     done = sum(len(p.read_text().splitlines()) for p in generate_dir.glob("*.jsonl"))
     assert 0 < done < sum(len(v) for v in one_process_predictions.values())  # killed part-way
     run_helpers("generate", artifacts, *GENERATE, processes=2)
