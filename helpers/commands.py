@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
     for step, notebook in NOTEBOOKS.items():
-        sub = steps.add_parser(step, help=f"notebooks/{notebook}", description=f"notebooks/{notebook} as a command: each option is the notebook parameter of the same name. "
-                               f"Outside Colab a DATA_DIR / ARTIFACTS_DIR of None is data/ / artifacts/ of the repository "
-                               f"(data/sample, artifacts/demo with --profile demo).")
+        sub = steps.add_parser(step, help=f"notebooks/{notebook}", description=(
+            f"notebooks/{notebook} as a command: each option is the notebook parameter of the same name. Outside "
+            f"Colab a DATA_DIR / ARTIFACTS_DIR of None is data/ / artifacts/ of the repository (data/sample, "
+            f"artifacts/demo with --profile demo)."))
         for name, p in notebook_parameters(step).items():
             sub.add_argument(f"--{name.lower().replace('_', '-')}", dest=name, default=p["default"],
                              type=_option_value(name), nargs="+" if name in LISTS else None,

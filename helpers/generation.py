@@ -157,12 +157,11 @@ def load_predictions(path: str | Path, references: list | None = None) -> dict[s
 
 
 def summary_line(split: str, summary: dict) -> str:
-    """One line of `summarize`'s counts."""
-    s = summary
-    return (f"=== {split}: {s['studies']} studies, {s['parse_failures']} parse failures, degenerate "
-            f"{s['degenerate'] or 'none'}, {s['distinct_reports']} distinct reports, "
-            f"{s.get('hit_max_new_tokens', 'n/a')} stopped at max_new_tokens, {s['studies_with_reference']} with a "
-            f"reference")
+    """`summarize`'s counts in one line."""
+    return (f"=== {split}: {summary['studies']} studies, {summary['parse_failures']} parse failures, degenerate "
+            f"{summary['degenerate'] or 'none'}, {summary['distinct_reports']} distinct reports, "
+            f"{summary.get('hit_max_new_tokens', 'n/a')} stopped at max_new_tokens, "
+            f"{summary['studies_with_reference']} with a reference")
 
 
 def summarize(records: list[dict], references: dict[str, dict] | None = None, *, top: int = 5,

@@ -39,7 +39,8 @@ def vision_targets(layers: int) -> str:
     LLaVA takes the features from `vision_feature_layer` (-2: the input of the last layer), so LoRA on a later layer
     would get no gradient, and DDP stops when a trainable parameter gets none.
     """
-    return rf"model\.vision_tower\..*\.layers\.({'|'.join(map(str, range(layers)))})\..*\.(q_proj|k_proj|v_proj|out_proj)"
+    indices = "|".join(map(str, range(layers)))
+    return rf"model\.vision_tower\..*\.layers\.({indices})\..*\.(q_proj|k_proj|v_proj|out_proj)"
 
 
 def _stage(name, epochs, lr, vision_lora, projector, llm_lora):
@@ -80,16 +81,21 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
                 seed: int = 0, **extra) -> dict:
     """Every setting of a run, JSON-ready: written to config.json and read back by notebooks 03 and 04.
 
-    `settings` (helpers.setup) gives the profile's values; None arguments take them. `stages` replaces the preset's
+    `settings` (helpers.setup) gives the profile's values; None arguments take them. Under `torchrun` / `accelerate
+    launch` the gradient accumulation is divided among the processes. `stages` replaces the preset's
     stages (same keys as PRESETS); `extra` adds settings (e.g. token stats) or overrides the profile's (save_steps).
     """
     epochs = epochs or settings.epochs
+    n_processes = processes().num_processes
     model_config = AutoConfig.from_pretrained(model_id, token=get_secret("HF_TOKEN"))
     config = {"model_id": str(model_id), "profile": settings.profile, "preset": preset,
               "precision": settings.precision,
               "load_in_4bit": settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
               "visual_tokens": visual_tokens or settings.visual_tokens, "batch_size": settings.batch_size,
-              "grad_accum": settings.grad_accum, "epochs": epochs, "save_steps": settings.save_steps,
+              # N processes accumulate 1/N as many steps, so the effective batch (and the presets' learning rates)
+              # stay the profile's; a run resumes only with the same number of processes
+              "grad_accum": max(1, round(settings.grad_accum / n_processes)), "processes": n_processes,
+              "epochs": epochs, "save_steps": settings.save_steps,
               "save_total_limit": 2, "logging_steps": settings.logging_steps,
               "stages": stages or resolve_stages(preset, epochs, settings.lr_scale), "max_views": max_views,
               "max_length": max_length, "instruction": INSTRUCTION,

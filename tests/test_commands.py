@@ -134,6 +134,7 @@ def test_two_process_train_finishes_the_run(ddp_run, sample_studies):
     assert [s["name"] for s in metrics["stages"]] == ["frozen_vision", "vision_lora"]
     assert {s["processes"] for s in metrics["stages"]} == {2}
     config = run.config
+    assert config["processes"] == 2
     # each of the 2 processes takes its own half of every step: ceil(n_train / (2 x batch)) steps per epoch
     steps_per_epoch = -(-config["n_train"] // (2 * config["batch_size"] * config["grad_accum"]))
     assert [s["global_step"] for s in metrics["stages"]] == [steps_per_epoch * s["epochs"] for s in config["stages"]]

@@ -145,6 +145,18 @@ def test_vision_lora_stops_at_the_feature_layer():
     assert not re.fullmatch(pattern, layer.format(23)) and not re.fullmatch(pattern, layer.format(2) + "x")
 
 
+def test_processes_share_the_gradient_accumulation(tiny_model_dir, monkeypatch):
+    """N processes keep the profile's effective batch: each accumulates 1/N of its steps (t4: 1 x 8)."""
+    from types import SimpleNamespace
+
+    t4 = resolve("t4")
+    assert config_for(tiny_model_dir, t4)["grad_accum"] == t4.grad_accum == 8
+    for n, accumulation in ((2, 4), (4, 2), (8, 1), (16, 1)):
+        monkeypatch.setattr(training, "processes", lambda: SimpleNamespace(num_processes=n))
+        config = config_for(tiny_model_dir, t4)
+        assert (config["grad_accum"], config["processes"]) == (accumulation, n)
+
+
 def test_presets():
     assert [s["epochs"] for s in training.resolve_stages("two_stage", 3)] == [1, 2]
     assert [s["epochs"] for s in training.resolve_stages("qlora", 3)] == [3]
