@@ -144,7 +144,8 @@ def load_predictions(path: str | Path, references: list | None = None) -> dict[s
     """A predictions file by study id; with `references` (the split's studies) every record is checked against them."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: predictions file not found: run notebook 03 for this run first")
+        raise DataError(f"{path}: predictions file not found: run notebook 03 (python -m helpers generate) for this "
+                        f"run first")
     records = JsonlStore(path, key_field="id").records
     known = None if references is None else {s.id for s in references}
     for study_id, record in records.items():

@@ -174,7 +174,7 @@ def load_for_inference(run, load_in_4bit: bool | None = None, attn_implementatio
     config = run.config
     if not run.trained:
         raise FileNotFoundError(f"{run.adapter_dir}: no trained adapter (adapter_config.json missing); run notebook "
-                                f"02 to the end for run {run.name!r} first")
+                                f"02 (python -m helpers train) to the end for run {run.name!r} first")
     if config["instruction"] != INSTRUCTION:
         raise ValueError(f"{run.config_path}: the run was trained with another instruction:\n"
                          f"{config['instruction']!r}\nthis code prompts with\n{INSTRUCTION!r}")

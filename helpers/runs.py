@@ -7,6 +7,9 @@
     eval/           green_cache.jsonl, retrieval_neighbors.json                 (notebook 04, shared by runs)
     eval/<run>/     green tables, per-pair judgments, plots/                    (notebook 04)
     eval/compare/   every run and baseline side by side, paired differences, NLG metrics, plots/
+
+While `python -m helpers generate | evaluate` runs in N processes, each appends to its own shard next to the file it
+fills (predictions_test.process-0.jsonl, green_cache.process-1.jsonl, ...); the main process merges them into it.
 """
 from __future__ import annotations
 
@@ -51,8 +54,8 @@ class Run:
     def config(self) -> dict:
         """The run's settings as notebook 02 wrote them."""
         if not self.config_path.is_file():
-            raise FileNotFoundError(f"{self.config_path} not found: train run {self.name!r} with notebook 02 first "
-                                    f"(or check RUN_NAME)")
+            raise FileNotFoundError(f"{self.config_path} not found: train run {self.name!r} with notebook 02 "
+                                    f"(python -m helpers train) first (or check RUN_NAME)")
         return json.loads(self.config_path.read_text(encoding="utf-8"))
 
     @property
@@ -114,13 +117,15 @@ class Artifacts:
         ready = [r for r in self.runs() if r.trained]
         names = [r.name for r in ready]
         if not ready:
-            raise FileNotFoundError(f"{self.root}: no trained run yet: train one with notebook 02")
+            raise FileNotFoundError(f"{self.root}: no trained run yet: train one with notebook 02 "
+                                    f"(python -m helpers train)")
         if name is None and len(ready) == 1:
             return ready[0]
         if name is None:
             raise ValueError(f"{self.root}: several runs: set RUN_NAME to one of {names}")
         if name not in names:
-            raise FileNotFoundError(f"{self.root}: run {name!r} is not trained: train it with notebook 02, or set "
+            raise FileNotFoundError(f"{self.root}: run {name!r} is not trained: train it with notebook 02 "
+                                    f"(python -m helpers train), or set "
                                     f"RUN_NAME to one of {names}")
         return self.run(name)
 
@@ -132,10 +137,11 @@ class Artifacts:
         ready.sort(key=lambda r: (started.get(r.name, len(started)), r.name))
         available = [r.name for r in ready]
         if not ready:
-            raise FileNotFoundError(f"{self.root}: no predictions yet: run notebook 03" +
+            raise FileNotFoundError(f"{self.root}: no predictions yet: run notebook 03 (python -m helpers generate)" +
                                     (f" for {names}" if names else ""))
         missing = [n for n in names or () if n not in available]
         if missing:
-            raise FileNotFoundError(f"{self.root}: no predictions yet for {missing}: run notebook 03 for them, or set "
+            raise FileNotFoundError(f"{self.root}: no predictions yet for {missing}: run notebook 03 "
+                                    f"(python -m helpers generate) for them, or set "
                                     f"RUN_NAMES to some of {available}")
         return [self.run(n) for n in names] if names else ready
