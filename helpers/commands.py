@@ -15,7 +15,6 @@ import argparse
 import ast
 import contextlib
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +28,7 @@ NOTEBOOKS = {"split": "01_region_prompting.ipynb", "train": "02_sft_lora_qlora.i
              "generate": "03_generate.ipynb", "evaluate": "04_green_eval.ipynb"}
 SHOWN_ONLY = {"N_EXAMPLES"}  # notebook parameters that only choose what a notebook displays
 LISTS = {"RUN_NAMES", "ATTENTION_IDS", "ATTENTION_LAYERS"}  # given as several values: --run-names a b
-TEXT_SUFFIXES = ("_DIR", "_ID", "_NAME", "_RUN", "_MODEL", "PROFILE", "BACKEND", "PRESET", "VISUAL_TOKENS")
+TEXT_SUFFIXES = ("_DIR", "_ID", "_IDS", "_NAME", "_NAMES", "_RUN", "_MODEL", "PROFILE", "BACKEND", "PRESET", "VISUAL_TOKENS")
 
 
 def parameter_value(text: str):
@@ -184,7 +183,3 @@ def main(argv=None) -> int:
     if state.num_processes > 1:
         state.destroy_process_group()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,8 +70,8 @@ def test_option_values_are_the_notebook_parameters_types():
                                     "--holdout-fraction", "0.1", "--model-id", "None"]))
     assert (train["RUN_NAME"], train["EPOCHS"], train["LOAD_IN_4BIT"], train["HOLDOUT_FRACTION"],
             train["MODEL_ID"]) == ("123", 2, True, 0.1, None)
-    evaluate = vars(parser.parse_args(["evaluate", "--run-names", "a", "b", "--meteor", "False"]))
-    assert (evaluate["RUN_NAMES"], evaluate["METEOR"]) == (["a", "b"], False)
+    evaluate = vars(parser.parse_args(["evaluate", "--run-names", "a", "7", "--meteor", "False"]))
+    assert (evaluate["RUN_NAMES"], evaluate["METEOR"]) == (["a", "7"], False)
     assert vars(parser.parse_args(["generate", "--attention-layers", "1", "2"]))["ATTENTION_LAYERS"] == [1, 2]
 
 
