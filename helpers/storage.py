@@ -128,8 +128,8 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
             "seconds": round(time.time() - start, 2), "batch_size": batch_size}
 
 
-def shard_path(path: Path, process_index: int) -> Path:
-    """Where process `process_index` appends its records of `path` during a multi-process step."""
+def shard_path(path: Path, process_index: int | str) -> Path:
+    """Where process `process_index` appends its records of `path` during a multi-process step ("*": any process)."""
     return path.with_name(f"{path.stem}.process-{process_index}{path.suffix}")
 
 
@@ -139,7 +139,7 @@ def _merge_shards(store: JsonlStore, order: list[str] = ()) -> None:
     A kill after the write and before the deletion leaves shards whose keys are all in the store: merging them again
     adds nothing.
     """
-    shards = sorted(store.path.parent.glob(f"{store.path.stem}.process-*{store.path.suffix}"))
+    shards = sorted(store.path.parent.glob(shard_path(store.path, "*").name))
     if not shards:
         return
     new = {}

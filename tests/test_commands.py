@@ -103,8 +103,8 @@ def ddp_run(tmp_path_factory):
     """A run trained by `torchrun --nproc_per_node 2 -m helpers train` on the sample (the default two_stage preset,
     whose second stage trains vision LoRA: DDP stops if any trainable parameter gets no gradient)."""
     artifacts = tmp_path_factory.mktemp("ddp")
-    output = run_helpers("train", artifacts, "--run-name", "ddp", processes=2)
-    return artifacts, output
+    run_helpers("train", artifacts, "--run-name", "ddp", processes=2)
+    return artifacts
 
 
 # batches of one long report: each takes long enough on the CPU for the kill below to land between two of them
@@ -113,7 +113,7 @@ GENERATE = ("--run-name", "ddp", "--batch-size", "1", "--max-new-tokens", "400",
 
 def copy_of_trained(ddp_run, tmp_path):
     """A fresh artifacts folder holding only the trained run and the demo models."""
-    source, _ = ddp_run
+    source = ddp_run
     for part in ("models", "train"):
         shutil.copytree(source / part, tmp_path / part)
     return tmp_path
@@ -127,7 +127,7 @@ def predictions(artifacts):
 
 
 def test_two_process_train_finishes_the_run(ddp_run, sample_studies):
-    artifacts, _ = ddp_run
+    artifacts = ddp_run
     run = Artifacts(artifacts).run("ddp")
     assert run.trained and (run.adapter_dir / "adapter_config.json").is_file()
     metrics = json.loads(run.metrics_path.read_text())
