@@ -10,8 +10,10 @@ PY := $(VENV)/bin/python
 venv: $(VENV)/.installed
 
 # torch first, from the package index: on Linux a large CUDA build unless pip is pointed at a CPU wheel (README).
-# green-score 0.0.12 pins Python ==3.12.1, torch 2.2.2 and transformers 4.40, which would break this stack:
-# it is installed without its dependencies; the few it imports are in requirements.txt.
+# green-score 0.0.12 pins Python ==3.12.1, torch 2.2.2 and transformers 4.40, which would break this stack;
+# radeval 2.2.1 requires torchvision (PyPI's does not load beside torch 2.13) and stanza, medspacy 1.3.1 pins spacy<3.8
+# (so numpy<2) on Python 3.11: all three are installed without their dependencies; what they import is in
+# requirements.txt.
 # pip's own output is the progress: several minutes on a fresh machine without local wheels.
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	@echo "== make venv 1/4: a virtual environment in $(VENV)"
@@ -20,8 +22,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install torch==2.13.0
 	@echo "== make venv 3/4: requirements-dev.txt (transformers, TRL, PEFT, papermill, ...)"
 	$(PY) -m pip install -r requirements-dev.txt
-	@echo "== make venv 4/4: green-score without its dependencies"
+	@echo "== make venv 4/4: green-score, radeval and medspacy without their dependencies"
 	$(PY) -m pip install --no-deps --ignore-requires-python green-score==0.0.12
+	$(PY) -m pip install --no-deps radeval==2.2.1 medspacy==1.3.1
 	touch $@
 	@echo "== make venv: done"
 

@@ -7,8 +7,10 @@ which notebook 01 with the rules backend should not pay; each module imports its
 Notebook-facing names, by notebook (`python -m helpers STEP`, helpers/commands.py, calls the same ones):
 - every notebook: `setup(PROFILE, DATA_DIR, ARTIFACTS_DIR) -> settings.Settings` (profile from the GPU, paths,
   precision, 4-bit choices, batch sizes), `get_secret(name)`, `in_colab()` (all three re-exported here);
-  `runs.Artifacts(settings.artifacts_dir)` (where every artifact lives), `.find_run(name)`, `.find_runs(names)`,
-  `.run(name)`; `data.load_studies`, `data.by_split`, `data.read_annotation`.
+  `smoke.Artifacts(settings.artifacts_dir, SMOKE)` (where every artifact lives, a `runs.Artifacts` that keeps smoke
+  runs apart), `.find_run(name)`, `.find_runs(names)`, `.run(name)`; `data.load_studies`, `data.by_split`,
+  `data.read_annotation`; with `SMOKE = True`: `smoke.run_name`, `smoke.write` and one projection function per step
+  (`smoke.split_projection`, `smoke.training_projection`, `smoke.generation_projection`, `smoke.judge_projection`).
 - 01: `regions.choose_backend`, `regions.val_reports`, `regions.split_many`, `regions.write_outputs`,
   `regions.split_regions` (re-exported here), `region_checks.agreement`.
 - 02: `train_data.training_studies`, `demo_models.llava_id`, `training.default_run_name`, `modeling.load_processor`,
@@ -22,6 +24,8 @@ Notebook-facing names, by notebook (`python -m helpers STEP`, helpers/commands.p
   `evaluation.make_judge`, `evaluation.judge_speed`, `evaluation.tables_in_words`, `baselines.template_regions`,
   `green.evaluate`, `green.region_stats`, `green.tables_by_system`, `green.paired_differences`,
   `green.differences_in_words`, `green.write_outputs`, `green.confidence_vs_errors`, `metrics.nlg_table`,
+  `evaluation.clinical_metrics` (RadEval, `clinical.REXRANK_NOTE`), `smoke.splits`, `smoke.run_names`,
+  `smoke.chain_summary`,
   `metrics.meteor_unavailable_reason`, `plots.plot_region_scores`, `plots.plot_error_categories`,
   `plots.plot_score_distribution`, `plots.plot_confidence_vs_green`.
 - also re-exported here: `pick_profile(gpu_memory_gb, compute_capability)`, `visual_tokens_per_view(width, height,

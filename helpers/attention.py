@@ -19,6 +19,7 @@ from transformers.image_processing_utils import select_best_resolution
 from .data import study_images
 from .generation import generated_length, region_token_indices, token_char_ends
 from .modeling import generation_inputs, image_tokens_per_view
+from .storage import JsonlStore, run_batches
 
 
 def view_layout(model_config, processor, width: int, height: int) -> dict:
@@ -83,6 +84,7 @@ def generate_with_attention(model, processor, views: list, *, max_new_tokens: in
         return record
 
     inputs = generation_inputs(processor, [views], model)
+    check_attention_fits(model, inputs)
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         with eager_attention(model), torch.inference_mode():
@@ -133,6 +135,24 @@ def base_heatmaps(attention: np.ndarray, positions: list[np.ndarray], layouts: l
     return maps
 
 
+def prompt_attention_gib(model_config, prompt_tokens: int) -> float:
+    """Computed peak (GiB) of eager attention over the prompt in one layer: its heads' prompt x prompt scores in 16
+    bits, their fp32 softmax and its 16-bit copy (eager attention upcasts the softmax), 8 bytes a score."""
+    text = getattr(model_config, "text_config", model_config)
+    return text.num_attention_heads * prompt_tokens ** 2 * 8 / 2 ** 30
+
+
+def check_attention_fits(model, inputs) -> None:
+    """Refuse, before generating, a prompt whose eager attention cannot fit in this GPU's free memory."""
+    if not torch.cuda.is_available():
+        return
+    needed = prompt_attention_gib(model.config, inputs["input_ids"].shape[1])
+    free = torch.cuda.mem_get_info(model.device)[0] / 2 ** 30
+    if needed > free:
+        raise MemoryError(f"eager attention over this {inputs['input_ids'].shape[1]}-token prompt needs ~{needed:.1f} "
+                          f"GiB per layer (computed), {free:.1f} GiB are free: fewer views or visual tokens 'base' fit")
+
+
 def analyze_study(model, processor, study, *, max_views: int, max_new_tokens: int = 128, layers=None) -> dict:
     """Regenerate one study with attention: text, token ids, region token indices, share table, base heatmaps.
 
@@ -163,9 +183,25 @@ def chosen_studies(splits: dict[str, list], ids: list[str] | None = None, first:
 
 
 def analyze_studies(model, processor, studies, **options) -> list[dict]:
-    """`analyze_study` for each study, printing what the model wrote."""
-    analyses = []
-    for study in studies:
-        analyses.append(analyze_study(model, processor, study, **options))
-        print(f"{study.id}: {analyses[-1]['text']!r}")
-    return analyses
+    """`analyze_study` for each study through the batch runner (one study a batch: the attention rows of a whole
+    generation are kept), printing what the model wrote. A diagnostic after the predictions are saved: a study that
+    fails (out of memory, a prompt too long for eager attention) is named with why and counted, the others go on."""
+    failed = {}
+
+    def analyze(batch):
+        try:
+            analysis = analyze_study(model, processor, batch[0], **options)
+        except Exception as error:  # noqa: BLE001  (named and counted below; never stops the notebook)
+            failed[batch[0].id] = f"{type(error).__name__}: {error}"
+            return []
+        print(f"{analysis['id']}: {analysis['text']!r}")
+        return [analysis]
+
+    store = JsonlStore(None, key_field="id")  # in memory: attention arrays are not JSON
+    run_batches(store, studies, lambda s: s.id, analyze, batch_size=1, desc="attention", unit="study",
+                progress=False)
+    for study_id, why in failed.items():
+        print(f"WARNING attention for {study_id} skipped: {why}")
+    if failed:
+        print(f"attention: {len(studies) - len(failed)} of {len(studies)} studies analysed, {len(failed)} skipped")
+    return [store.get(s.id) for s in studies if s.id in store]

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .data import REGIONS, readable_studies, study_images
-from .storage import atomic_write_json
+from .data import REGIONS, open_image, readable_studies
+from .storage import JsonlStore, atomic_write_json, run_batches
 
 
 def template_regions(train_studies) -> dict[str, str]:
@@ -31,21 +30,27 @@ def template_predictions(train_studies, queries) -> dict[str, dict]:
 def image_embeddings(model, processor, studies, max_views: int, batch_size: int = 32):
     """One unit vector per study: the mean of its views' pooled vision-tower features (base tile: the whole image).
 
-    `model, processor` are loaded with visual_tokens="base".
+    `model, processor` are loaded with visual_tokens="base". Views are read batch by batch, through the batch runner
+    (halved on out-of-memory); the features stay in memory (the neighbours are what retrieval_neighbors caches).
     """
     tower = model.model.vision_tower
     dtype = next(tower.parameters()).dtype
-    views = [(i, image) for i, study in enumerate(studies) for image in study_images(study, max_views)]
-    features = []
-    for start in tqdm(range(0, len(views), batch_size), desc="image embeddings", unit="batch"):
-        images = [image for _, image in views[start:start + batch_size]]
+    views = [(i, path, study.id) for i, study in enumerate(studies) for path in study.image_paths[:max_views]]
+
+    def embed(batch):
+        images = [open_image(path, study_id) for _, path, study_id in (views[k] for k in batch)]
         # the "base" visual-token processor: one tile per view, the whole image squashed to the tile size
         pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             pooled = tower(pixel_values=pixels.to(tower.device, dtype)).pooler_output
-        features.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
-    features = np.concatenate(features)
-    owner = np.array([i for i, _ in views])
+        unit = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+        return [{"view": k, "features": f} for k, f in zip(batch, unit)]
+
+    store = JsonlStore(None, key_field="view")
+    run_batches(store, list(range(len(views))), lambda k: k, embed, batch_size=batch_size, desc="image embeddings",
+                unit="view")
+    features = np.stack([store.get(k)["features"] for k in range(len(views))])
+    owner = np.array([i for i, _, _ in views])
     embeddings = np.stack([features[owner == i].mean(axis=0) for i in range(len(studies))])
     return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
 

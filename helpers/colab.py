@@ -17,6 +17,9 @@ REPO_URL = "https://github.com/xray-rrg/xray-rrg"
 # green-score 0.0.12 pins Python ==3.12.1, torch 2.2.2 and transformers 4.40: installed without its dependencies
 # (the few it imports are in requirements.txt)
 GREEN_SCORE = ["--no-deps", "--ignore-requires-python", "green-score==0.0.12"]
+# radeval 2.2.1 requires torchvision and stanza, medspacy 1.3.1 pins spacy<3.8 on Python 3.11: without their
+# dependencies too (what notebook 04's clinical metrics import is in requirements.txt)
+RADEVAL = ["--no-deps", "radeval==2.2.1", "medspacy==1.3.1"]
 
 
 class RestartRequired(RuntimeError):
@@ -55,13 +58,15 @@ def _pip(*args: str) -> None:
 
 
 def install(repo: str, green_score: bool = False) -> None:
-    """Install `repo`'s requirements.txt (and green-score for notebook 04) into this runtime; raise RestartRequired
+    """Install `repo`'s requirements.txt (and green-score and radeval for notebook 04) into this runtime; raise RestartRequired
     when that changed the version of a package already imported, since the old one stays loaded until a restart."""
     before = imported_distributions()
-    print("installing the pinned stack (requirements.txt)" + (" and green-score" if green_score else "") + " ...")
+    print("installing the pinned stack (requirements.txt)" + (" with green-score and radeval" if green_score else "")
+          + " ...")
     _pip("-r", f"{repo}/requirements.txt")
     if green_score:
         _pip(*GREEN_SCORE)
+        _pip(*RADEVAL)
     changed = changed_versions(before)
     if changed:
         raise RestartRequired("Restart the runtime (Runtime > Restart session), then run this notebook again: pip "

@@ -8,6 +8,7 @@ Each step's options are its notebook's parameters cell (names, defaults and comm
 the two cannot drift apart), and each step calls the functions the notebook's cells call, writing the same artifacts
 to the same places. Under several processes `train` is the Trainer's DDP, and `generate` / `evaluate` spread their
 batches over the processes (`storage.run_sharded`); the main process alone prints and writes the reports and figures.
+A True / False option may be given alone: `--smoke` is `--smoke True`, the step's smoke run (helpers/smoke.py).
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import argparse
 import ast
 import contextlib
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import papermill
 
-from .runs import Artifacts
 from .settings import get_secret, processes, setup
+from .smoke import Artifacts
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"split": "01_region_prompting.ipynb", "train": "02_sft_lora_qlora.ipynb",
@@ -63,58 +65,75 @@ def build_parser() -> argparse.ArgumentParser:
             f"Colab a DATA_DIR / ARTIFACTS_DIR of None is data/ / artifacts/ of the repository (data/sample, "
             f"artifacts/demo with --profile demo)."))
         for name, p in notebook_parameters(step).items():
+            switch = isinstance(p["default"], bool)  # --smoke alone is --smoke True
             sub.add_argument(f"--{name.lower().replace('_', '-')}", dest=name, default=p["default"],
-                             type=_option_value(name), nargs="+" if name in LISTS else None,
+                             type=_option_value(name), nargs="+" if name in LISTS else "?" if switch else None,
+                             const=True if switch else None,
                              help=f"{p['help']} (default: {p['default']!r})".replace("%", "%%"))
     return parser
 
 
 def split(p, settings, artifacts) -> None:
     """Notebook 01: split the val reports into regions."""
-    from . import data, regions
+    from . import data, regions, smoke
 
     if processes().num_processes > 1:
         raise SystemExit("split runs in one process (an API or one local LLM): python -m helpers split ...")
     backend, options = regions.choose_backend(settings, p.BACKEND, p.OPENAI_MODEL, p.HF_MODEL)
     annotation = data.read_annotation(settings.data_dir / "annotation.json")
-    split_run = regions.split_many(regions.val_reports(annotation), backend=backend,
-                                   cache_path=artifacts.regions_dir / "cache.jsonl", **options)
+    all_val_reports = regions.val_reports(annotation)
+    start = time.time()
+    split_run = regions.split_many(smoke.val_reports(all_val_reports) if p.SMOKE else all_val_reports,
+                                   backend=backend, cache_path=artifacts.regions_dir / "cache.jsonl", **options)
+    seconds = time.time() - start
     print(split_run.summary())
     for study_id, why in sorted(split_run.failures.items()):
         print(f"failed {study_id}: {why}")
     for path in regions.write_outputs(artifacts, annotation, split_run):
         print("wrote", path)
+    if p.SMOKE:
+        print(smoke.write(artifacts.regions_dir / "projection.json",
+                          smoke.split_projection(settings, split_run, seconds, len(all_val_reports))))
 
 
 def train(p, settings, artifacts) -> None:
     """Notebook 02: fine-tune, stage by stage (DDP under torchrun / accelerate launch)."""
-    from . import demo_models, modeling, plots, train_data, training
+    from . import demo_models, modeling, plots, smoke, train_data, training
 
     fit, held = train_data.training_studies(settings.data_dir, p.MAX_VIEWS, p.HOLDOUT_FRACTION)
     model_id = demo_models.llava_id(settings, artifacts, fit + held, p.MODEL_ID)
     visual_tokens = p.VISUAL_TOKENS or settings.visual_tokens
-    run = artifacts.run(p.RUN_NAME or training.default_run_name(model_id, p.PRESET))
+    run = artifacts.run(smoke.run_name(p.RUN_NAME or training.default_run_name(model_id, p.PRESET), p.SMOKE))
     processor = modeling.load_processor(model_id, visual_tokens=visual_tokens, token=get_secret("HF_TOKEN"))
     processor.chat_template = modeling.training_chat_template(processor)
     budget = train_data.token_budget(fit + held, processor, p.MAX_VIEWS)
+    smoke_config = {}
+    if p.SMOKE:
+        smoke_config = smoke.training_config(fit, held, training.resolve_stages(p.PRESET, p.EPOCHS or settings.epochs,
+                                                                                settings.lr_scale))
+        fit, held = smoke.training_studies(fit + held, p.HOLDOUT_FRACTION)
     config = training.make_config(settings, model_id=model_id, preset=p.PRESET, epochs=p.EPOCHS,
                                   max_views=p.MAX_VIEWS, visual_tokens=visual_tokens, load_in_4bit=p.LOAD_IN_4BIT,
-                                  lora_r=p.LORA_R, lora_alpha=2 * p.LORA_R, **budget)
+                                  lora_r=p.LORA_R, lora_alpha=2 * p.LORA_R, **budget, **smoke_config)
     metrics = training.train(run, config, fit, held)
     if processes().is_main_process:
         plots.plot_losses(metrics, run.train_dir / "loss.png")
         print(f"run {run.name}: adapter in {run.adapter_dir}, metrics in {run.metrics_path}")
+        if p.SMOKE:
+            print(smoke.write(run.train_dir / "projection.json",
+                              smoke.training_projection(settings, metrics, run.config)))
 
 
 def generate(p, settings, artifacts) -> None:
     """Notebook 03: reports for val and test (batches spread over the processes), then confidence and attention."""
-    from . import attention, generation, modeling, plots
+    from . import attention, generation, modeling, plots, smoke
 
-    run = artifacts.find_run(p.RUN_NAME)
+    run = artifacts.find_run(smoke.run_name(p.RUN_NAME, p.SMOKE))
     model, processor, run_config = modeling.load_for_inference(run, p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
     max_views = run_config["max_views"]
     max_new_tokens = p.MAX_NEW_TOKENS or generation.default_max_new_tokens(run_config)
-    splits, references = generation.studies_to_generate(settings.data_dir, artifacts, max_views)
+    all_splits, references = generation.studies_to_generate(settings.data_dir, artifacts, max_views)
+    splits = smoke.splits(all_splits) if p.SMOKE else all_splits
     speed = generation.generate_splits(model, processor, splits, run, max_views=max_views,
                                        batch_size=p.BATCH_SIZE or settings.generate_batch_size,
                                        max_new_tokens=max_new_tokens, num_beams=p.NUM_BEAMS,
@@ -127,26 +146,33 @@ def generate(p, settings, artifacts) -> None:
         print(generation.summary_line(split, generation.summarize(records[split], references,
                                                                   max_new_tokens=max_new_tokens)))
     plots.plot_confidence_histogram(records["val"] + records["test"], run.attention_dir / "confidence.png")
-    chosen = attention.chosen_studies(splits, p.ATTENTION_IDS, p.ATTENTION_STUDIES)
+    chosen = attention.chosen_studies(splits, p.ATTENTION_IDS, smoke.attention_studies(p.ATTENTION_STUDIES, p.SMOKE))
     analyses = attention.analyze_studies(model, processor, chosen, max_views=max_views, max_new_tokens=max_new_tokens,
                                          layers=p.ATTENTION_LAYERS)
     plots.plot_attention(analyses, run.attention_dir, p.ATTENTION_LAYERS)
     print(f"wrote {run.generate_dir}: predictions_val.jsonl, predictions_test.jsonl, attention/")
+    if p.SMOKE:
+        print(smoke.write(run.generate_dir / "projection.json",
+                          smoke.generation_projection(settings, speed, all_splits)))
 
 
 def evaluate(p, settings, artifacts) -> None:
-    """Notebook 04: GREEN per region for the runs and baselines (judge batches spread over the processes)."""
-    from . import data, evaluation, green, metrics
+    """Notebook 04: GREEN per region for the runs and baselines (judge batches spread over the processes), NLG and
+    RadEval's clinical metrics."""
+    from . import data, evaluation, green, metrics, smoke
 
     studies = data.load_studies(settings.data_dir, require_images=("train", "val", "test"))
-    plan = evaluation.make_plan(settings, artifacts, studies, run_names=p.RUN_NAMES, reference_run=p.REFERENCE_RUN,
+    plan = evaluation.make_plan(settings, artifacts, studies, run_names=smoke.run_names(p.RUN_NAMES, p.SMOKE),
+                                reference_run=smoke.run_name(p.REFERENCE_RUN, p.SMOKE),
                                 judge_model_id=p.JUDGE_MODEL_ID, judge_4bit=p.JUDGE_4BIT,
                                 judge_batch_size=p.JUDGE_BATCH_SIZE, judge_max_new_tokens=p.JUDGE_MAX_NEW_TOKENS,
                                 base_model_id=p.BASE_MODEL_ID, max_views=p.MAX_VIEWS)
     print(plan)
-    refs = evaluation.references(settings, artifacts, studies)
+    all_refs = evaluation.references(settings, artifacts, studies)
+    refs = smoke.splits(all_refs) if p.SMOKE else all_refs
     predictions = evaluation.run_predictions(artifacts, plan.runs, refs)
-    systems = evaluation.with_baselines(predictions, data.by_split(studies, "train"), refs, artifacts, plan)
+    systems = predictions if p.SMOKE else evaluation.with_baselines(predictions, data.by_split(studies, "train"), refs,
+                                                                    artifacts, plan)
     judge = evaluation.make_judge(artifacts, plan)
     frame = green.evaluate(systems, refs, judge)
     if not processes().is_main_process:
@@ -164,6 +190,18 @@ def evaluate(p, settings, artifacts) -> None:
         print("wrote", path)
     for path in evaluation.write_figures(frame, tables, artifacts, plan.runs):
         print("wrote", path)
+    if p.CLINICAL:
+        from .clinical import REXRANK_NOTE
+
+        _, _, leaderboard, paths = evaluation.clinical_metrics(settings, artifacts, studies, systems, refs, plan, judge,
+                                                               nlg, tables, p.N_BOOT, p.SEED)
+        print("\n".join(f"wrote {path}" for path in paths))
+        print(REXRANK_NOTE, leaderboard.round(3), sep="\n")
+    if p.SMOKE:
+        projection = smoke.judge_projection(settings, judge, frame, len(plan.runs), all_refs)
+        for name in plan.runs:
+            print(smoke.write(artifacts.run(name).eval_dir / "projection.json", projection))
+            print(smoke.chain_summary(artifacts, artifacts.run(name)))
 
 
 STEPS = {"split": split, "train": train, "generate": generate, "evaluate": evaluate}
@@ -178,7 +216,7 @@ def main(argv=None) -> int:
         if not state.is_main_process:  # one process speaks; the others' progress bars still show (stderr)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
         settings = setup(params.PROFILE, params.DATA_DIR, params.ARTIFACTS_DIR)
-        STEPS[step](params, settings, Artifacts(settings.artifacts_dir))
+        STEPS[step](params, settings, Artifacts(settings.artifacts_dir, params.SMOKE))
     state.wait_for_everyone()
     if state.num_processes > 1:
         state.destroy_process_group()

@@ -1,16 +1,21 @@
-"""IU X-Ray studies: `annotation.json` plus `images/<id>/*.png`, checked on the way in."""
+"""IU X-Ray studies: `annotation.json` plus `images/<id>/*.{png,jpg,jpeg}`, checked on the way in."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 REGIONS = ("lung", "heart", "mediastinal", "bone")  # generated and scored
 ALL_REGIONS = REGIONS + ("others",)  # what a split report holds; 'others' is kept, never trained or scored
 SPLITS = ("train", "val", "test")
+VIEW_SUFFIXES = (".png", ".jpg", ".jpeg")  # IU X-Ray's PNGs and MIMIC-CXR-JPG's JPEGs, in any letter case
+VIEWS = "*.{png,jpg,jpeg}"  # how messages name them
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit grayscale, in each byte order PIL has
 
 
 class DataError(ValueError):
@@ -95,9 +100,11 @@ def load_studies(data_dir: str | Path, strict: bool = False, annotation_path: st
 
     `annotation_path` reads another annotation against the same images (e.g. notebook 01's
     `annotation_with_val.json`); `data_dir/annotation.json` is checked first, so a problem in the user's own file
-    is named there and not in the derived copy. Studies without images are skipped with a warning naming them
-    (`strict=True` raises instead). `require_images`: the split(s) a step needs; a DataError if one of them has
-    no study with images (a missing or misplaced images folder), rather than a failure later on an empty list.
+    is named there and not in the derived copy. A study's views are its folder's PNG and JPEG files in file-name
+    order (`_view_order`); anything else there is counted in one warning. Studies without images are skipped with a
+    warning naming them (`strict=True` raises instead). `require_images`: the split(s) a step needs; a DataError if
+    one of them has no study with images (a missing or misplaced images folder), rather than a failure later on an
+    empty list.
     """
     data_dir = Path(data_dir)
     own = data_dir / "annotation.json"
@@ -105,8 +112,14 @@ def load_studies(data_dir: str | Path, strict: bool = False, annotation_path: st
     studies = _read(own)[1]
     if annotation_path != own:
         studies = _read(annotation_path)[1]
+    ignored = []
     for study in studies:
-        study.image_paths = sorted((data_dir / "images" / study.id).glob("*.png"))
+        study.image_paths, others = _list_views(data_dir / "images" / study.id)
+        ignored += others
+    if ignored:  # before any error below: a folder of .dcm files explains why a split has no images
+        warnings.warn(f"{data_dir / 'images'}: {len(ignored)} files or folders in study folders are not views "
+                      f"(only {VIEWS}, not hidden) and were ignored, e.g. {', '.join(map(str, ignored[:3]))}",
+                      stacklevel=2)
     no_images = [s.id for s in studies if not s.image_paths]
     with_images = [s for s in studies if s.image_paths]
     required = (require_images,) if isinstance(require_images, str) else require_images
@@ -114,12 +127,12 @@ def load_studies(data_dir: str | Path, strict: bool = False, annotation_path: st
     if empty:
         images = data_dir / "images"
         counts = " / ".join(f"{sum(s.split == x for s in studies)} {x}" for x in empty)
-        examples = [f"{images / s.id}/*.png" for s in studies if s.split in empty][:2]  # none has images
+        examples = [f"{images / s.id}/{VIEWS}" for s in studies if s.split in empty][:2]  # none has images
         where = f", e.g. {' or '.join(examples)}" if examples else ""
         present = next(images.iterdir(), None) if images.is_dir() else None  # shows a nested or renamed folder
         where += f"; {images} holds e.g. {present.name}" if present else f"; {images} is missing or empty"
         raise DataError(f"{images}: none of the {counts} studies has images ({len(no_images)} of the {len(studies)} "
-                        f"studies in {annotation_path} lack them); expected <DATA_DIR>/images/<id>/*.png{where}")
+                        f"studies in {annotation_path} lack them); expected <DATA_DIR>/images/<id>/{VIEWS}{where}")
     if no_images:
         message = (f"{data_dir / 'images'}: {len(no_images)} studies have a missing or empty image folder "
                    f"and were skipped: {', '.join(no_images[:20])}{' …' if len(no_images) > 20 else ''}")
@@ -129,10 +142,39 @@ def load_studies(data_dir: str | Path, strict: bool = False, annotation_path: st
     return with_images
 
 
+def _view_order(path: Path) -> tuple[list, str]:
+    """File-name order with numbers compared as numbers (9.png before 10.png); the name breaks ties (1 vs 01)."""
+    parts = re.split(r"(\d+)", path.name)  # the odd parts are the digit runs
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)], path.name
+
+
+def _list_views(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(views, everything else) in a study folder, each in `_view_order`. Hidden files are never views: macOS
+    leaves `._0.png` resource forks beside the real `0.png` when it zips a folder."""
+    if not folder.is_dir():
+        return [], []
+    entries = sorted(folder.iterdir(), key=_view_order)
+    views = [p for p in entries if p.suffix.lower() in VIEW_SUFFIXES and not p.name.startswith(".")]
+    return views, [p for p in entries if p not in views]
+
+
 def open_image(path: str | Path, study_id: str) -> Image.Image:
-    """An RGB image; a corrupt file raises a DataError naming it and its study."""
+    """An RGB image, with 8 bits per channel; a file it cannot read or scale raises a DataError naming it and its study.
+
+    8-bit modes (L, P, RGB, RGBA, LA, CMYK, ...) convert as PIL does. 16-bit grayscale, common in DICOM exports, is
+    scaled by its bit depth, value * 255 / 65535, where PIL's convert would clip every value above 255 to white.
+    Pillow 13 opens such a PNG as I;16, older releases as I (32-bit), which in a PNG comes only from 16-bit grayscale.
+    An I image of another format, and float F, have no known value range: refused rather than guessed.
+    """
     try:
         with Image.open(path) as image:
+            if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+                levels = np.asarray(image, dtype=np.uint32)
+                gray = (levels * 255 + 65535 // 2) // 65535  # rounded to the nearest of 256 levels
+                return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+            if image.mode.startswith(("I", "F")):
+                raise DataError(f"{path}: study {study_id}: cannot scale a {image.format} image of mode {image.mode} "
+                                f"to 8 bits (its value range is unknown); save it as an 8- or 16-bit PNG")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: study {study_id}: cannot read image ({e})") from None

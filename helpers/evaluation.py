@@ -6,14 +6,14 @@ from dataclasses import asdict, dataclass
 
 import matplotlib.pyplot as plt
 
-from . import baselines, demo_models, plots
+from . import baselines, clinical, demo_models, plots
 from .data import DataError, by_split, load_studies
 from .generation import load_predictions
-from .green import PROTOCOL, markdown_table
-from .judge import Judge
+from .green import PROTOCOL, compare_table, markdown_table
+from .judge import Judge, judge_label
 from .modeling import load_model_and_processor
 from .runs import SPLIT_NAMES
-from .settings import get_secret, processes
+from .settings import get_secret, processes, torch_dtype
 from .storage import free_gpu_memory
 
 
@@ -23,10 +23,12 @@ class Plan:
     runs: list[str]
     reference_run: str
     judge_model_id: str
+    judge_precision: str  # GREEN's fp16 on every GPU (settings.judge_precision)
     judge_4bit: bool
     judge_batch_size: int
     judge_max_new_tokens: int
     base_model_id: str  # retrieval embeddings
+    retrieval_4bit: bool
     max_views: int
 
     def __str__(self) -> str:
@@ -41,10 +43,12 @@ def make_plan(settings, artifacts, studies, *, run_names=None, reference_run=Non
     first = compared[0].config if compared[0].config_path.is_file() else {}
     return Plan(runs=[r.name for r in compared], reference_run=reference_run or compared[0].name,
                 judge_model_id=demo_models.judge_id(settings, artifacts, studies, judge_model_id),
-                judge_4bit=settings.inference_4bit if judge_4bit is None else judge_4bit,
+                judge_precision=settings.judge_precision,
+                judge_4bit=settings.judge_4bit if judge_4bit is None else judge_4bit,
                 judge_batch_size=judge_batch_size or settings.judge_batch_size,
                 judge_max_new_tokens=judge_max_new_tokens or settings.judge_max_new_tokens,
                 base_model_id=demo_models.llava_id(settings, artifacts, studies, base_model_id or first.get("model_id")),
+                retrieval_4bit=settings.inference_4bit,
                 max_views=max_views or first.get("max_views", 3))
 
 
@@ -77,7 +81,7 @@ def with_baselines(predictions: dict, train, refs: dict[str, list], artifacts, p
             artifacts.retrieval_neighbors, plan.base_model_id, train, refs["val"] + refs["test"],
             plan.max_views,
             lambda: load_model_and_processor(plan.base_model_id, visual_tokens="base",
-                                             load_in_4bit=plan.judge_4bit, token=get_secret("HF_TOKEN")))
+                                             load_in_4bit=plan.retrieval_4bit, token=get_secret("HF_TOKEN")))
     free_gpu_memory()  # the base model is no longer referenced: free its memory before the judge loads
     return {**predictions,
             "template": {split: baselines.template_predictions(train, studies) for split, studies in refs.items()},
@@ -85,15 +89,31 @@ def with_baselines(predictions: dict, train, refs: dict[str, list], artifacts, p
                 train, {s.id: neighbors[s.id] for s in studies if s.id in neighbors}) for split, studies in refs.items()}}
 
 
+def clinical_metrics(settings, artifacts, studies, systems: dict, references: dict, plan: Plan, judge: Judge, nlg,
+                     tables: dict, n_boot: int, seed: int) -> tuple:
+    """RadEval's clinical metrics of every system (`clinical.evaluate`), after the GREEN judge is released (on a T4
+    they never share the GPU with it); their tables, the ReXrank row and the plot written. Returns
+    (table, paired differences, ReXrank row, paths written)."""
+    judge.release()
+    table, diff, scores = clinical.evaluate(systems, references, reference_run=plan.reference_run, run_names=plan.runs,
+                                            n_boot=n_boot, seed=seed,
+                                            stand_ins=demo_models.radeval_cache(settings, artifacts, studies))
+    board = clinical.leaderboard(table, nlg, compare_table(tables))
+    paths = clinical.write_outputs(table, diff, scores, artifacts, board)
+    paths.append(artifacts.compare_dir / "plots" / "clinical.png")
+    plots.plot_clinical(table, plan.runs, paths[-1])
+    return table, diff, board, paths
+
+
 def make_judge(artifacts, plan: Plan) -> Judge:
     return Judge(plan.judge_model_id, artifacts.judge_cache, load_in_4bit=plan.judge_4bit,
-                 token=get_secret("HF_TOKEN"), batch_size=plan.judge_batch_size,
+                 dtype=torch_dtype(plan.judge_precision), token=get_secret("HF_TOKEN"), batch_size=plan.judge_batch_size,
                  max_new_tokens=plan.judge_max_new_tokens)
 
 
 def judge_speed(judge: Judge) -> str:
     seconds = [r["seconds"] for r in judge.store.records.values()
-               if r.get("judge") == judge.model_id and "seconds" in r]
+               if r.get("judge") == judge.label and "seconds" in r]
     if not seconds:
         return f"judge time: every pair came from the cache ({judge.store.path})"
     return (f"judge time: {sum(seconds) / len(seconds):.2f} s per pair over the {len(seconds)} pairs it judged "
@@ -101,12 +121,14 @@ def judge_speed(judge: Judge) -> str:
 
 
 def tables_in_words(tables: dict, stats, plan: Plan) -> str:
-    """The protocol, then each system's GREEN table (markdown, 95% intervals) with its counts."""
+    """The protocol, then each system's GREEN table (markdown, 95% intervals) with its counts and the judge's
+    precision beside its id."""
     parts = [PROTOCOL]
+    judge = judge_label(plan.judge_model_id, plan.judge_4bit, torch_dtype(plan.judge_precision))
     for system, (table, ci) in tables.items():
         kind = "run" if system in plan.runs else "baseline"
         scored = stats[stats.system == system]
-        parts.append(f"### {system} ({kind}), judge {plan.judge_model_id}: {scored.studies.max()} studies per "
+        parts.append(f"### {system} ({kind}), judge {judge}: {scored.studies.max()} studies per "
                      f"split, {scored.scored.sum()} pairs scored, {scored.unparseable.sum()} unparseable answers\n\n"
                      + markdown_table(table, ci))
     return "\n\n".join(parts)

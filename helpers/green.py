@@ -64,7 +64,7 @@ def judged_frame(rows: list[dict], records: list[dict]):
     out = []
     for row, record in zip(rows, records):
         score = score_response(record["response"])
-        out.append({**row, "key": record["key"], "response": record["response"], "truncated": record["truncated"],
+        out.append({**row, "key": record["key"], "judge": record["judge"], "response": record["response"], "truncated": record["truncated"],
                     "green": float("nan") if score["green"] is None else float(score["green"]), "parsed": score["parsed"], "matched": score["matched"],
                     **{f"error_{c}": n for c, n in score["errors"].items()},
                     "ref_empty": not row["reference"], "both_empty": not row["reference"] and not row["candidate"],
@@ -193,7 +193,8 @@ def write_outputs(frame, stats, tables: dict, diff, nlg, artifacts, runs: list[s
     In eval/compare/: green_compare.csv (every system), green_diff.csv, nlg.csv, green_stats.csv and
     baseline_green_{val,test}.jsonl.
     """
-    files = {artifacts.compare_dir / "green_compare.csv": compare_table(tables).to_csv(),
+    judges = ", ".join(frame.judge.unique())  # the judge's id and precision beside every table
+    files = {artifacts.compare_dir / "green_compare.csv": compare_table(tables).assign(judge=judges).to_csv(),
              artifacts.compare_dir / "green_diff.csv": diff.to_csv(index=False),
              artifacts.compare_dir / "nlg.csv": nlg.to_csv(index=False),
              artifacts.compare_dir / "green_stats.csv": stats.to_csv(index=False)}
@@ -205,8 +206,8 @@ def write_outputs(frame, stats, tables: dict, diff, nlg, artifacts, runs: list[s
             files[artifacts.run(run).eval_dir / f"green_{split}.jsonl"] = part[part.system == run].to_json(
                 orient="records", lines=True, force_ascii=False)
     for run in runs:
-        files[artifacts.run(run).eval_dir / "green_table.csv"] = tables[run][0].to_csv()
-        files[artifacts.run(run).eval_dir / "green_table_ci.csv"] = tables[run][1].to_csv()
+        files[artifacts.run(run).eval_dir / "green_table.csv"] = tables[run][0].assign(judge=judges).to_csv()
+        files[artifacts.run(run).eval_dir / "green_table_ci.csv"] = tables[run][1].assign(judge=judges).to_csv()
     for path, text in files.items():
         atomic_write_text(path, text)
     return list(files)

@@ -12,11 +12,13 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from .lm import greedy_generate, left_padded, load_causal_lm
-from .storage import open_store, run_sharded, sha256
+from .settings import GREEN_TOKEN_BUDGET as GREEN_MAX_LENGTH
+from .storage import free_gpu_memory, open_store, run_sharded, sha256
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-RadLlama2-7b"
-GREEN_MAX_LENGTH = 2048  # GREEN truncates prompts to this many tokens (and stops generating there)
 ERROR_CATEGORIES = ("a", "b", "c", "d", "e", "f")  # GREEN's clinically significant error types, in its order
 # GREEN sets this template on its tokenizer inside GREEN.__init__ (a local variable there, not importable);
 # a test checks that it equals what the shipped class sets.
@@ -46,6 +48,18 @@ def judge_key(judge_id: str, reference: str, candidate: str) -> str:
     return sha256(judge_id, reference, candidate)
 
 
+def judge_dtype(dtype=None):
+    """GREEN loads its judge in fp16: so does this on a GPU (fp32 on the CPU, where fp16 matmuls are slow)."""
+    return dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
+
+
+def judge_label(model_id: str, load_in_4bit: bool = False, dtype=None) -> str:
+    """The judge as tables name it and the cache keys it: its id and precision, since a 4-bit or bf16 judge
+    answers differently from GREEN's fp16 one."""
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[judge_dtype(dtype)]
+    return f"{model_id} ({f'4-bit nf4, {precision} compute' if load_in_4bit else precision})"
+
+
 def score_response(response: str) -> dict:
     """GREEN's score and error counts for one judge response.
 
@@ -63,10 +77,10 @@ def score_response(response: str) -> dict:
 
 def load_judge(model_id: str = DEFAULT_JUDGE, *, load_in_4bit: bool = False, dtype=None, token: str | None = None):
     """The judge model and a tokenizer set up exactly as GREEN.__init__ does (EOS appended, left padding, pad = EOS,
-    its chat template). GREEN always loads fp16; here the dtype follows the GPU (bf16 on Ampere+, fp16 on T4), or 4-bit.
+    its chat template), in GREEN's fp16 unless told otherwise (`judge_dtype`), or 4-bit with that compute dtype.
     """
     # GREEN's choices: remote code for every judge but Phi; the tokenizer always with remote code
-    model, tokenizer = load_causal_lm(model_id, load_in_4bit=load_in_4bit, dtype=dtype, token=token,
+    model, tokenizer = load_causal_lm(model_id, load_in_4bit=load_in_4bit, dtype=judge_dtype(dtype), token=token,
                                       model_kwargs={"trust_remote_code": "Phi" not in model_id},
                                       tokenizer_kwargs={"add_eos_token": True, "use_fast": True,
                                                         "trust_remote_code": True})
@@ -102,16 +116,23 @@ def generate_responses(model, tokenizer, texts: list[str], max_new_tokens: int) 
 
 
 class Judge:
-    """GREEN judgments behind an append-only cache keyed by sha256(judge id, reference, candidate).
+    """GREEN judgments behind an append-only cache keyed by sha256(judge label, reference, candidate): the label
+    (`judge_label`) names the precision too, so answers of a 4-bit judge never stand in for fp16 ones.
 
     The model loads only when some pair is not cached yet, so a finished evaluation reruns without a GPU.
     """
     def __init__(self, model_id: str, cache_path: str | Path, *, load_in_4bit: bool = False, dtype=None,
-                 token: str | None = None, batch_size: int = 8, max_new_tokens: int = 512):
-        self.model_id, self.load_in_4bit, self.dtype, self.token = model_id, load_in_4bit, dtype, token
+                 token: str | None = None, batch_size: int = 8, max_new_tokens: int = GREEN_MAX_LENGTH):
+        self.model_id, self.load_in_4bit, self.dtype, self.token = model_id, load_in_4bit, judge_dtype(dtype), token
+        self.label = judge_label(model_id, load_in_4bit, self.dtype)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.store = open_store(cache_path, key_field="key")
         self.model = self.tokenizer = None
+
+    def release(self) -> None:
+        """Drop the judge model (the cache stays readable): what loads next has the GPU to itself."""
+        self.model = self.tokenizer = None
+        free_gpu_memory()
 
     def judge(self, pairs: list[tuple[str, str]]) -> list[dict]:
         """One cached record per (reference, candidate) pair, in order; identical pairs are judged once.
@@ -120,10 +141,10 @@ class Judge:
         `torchrun` / `accelerate launch` the batches are spread over the processes (`storage.run_sharded`), each of
         which loads the judge on its own GPU.
         """
-        keys = [judge_key(self.model_id, reference, candidate) for reference, candidate in pairs]
+        keys = [judge_key(self.label, reference, candidate) for reference, candidate in pairs]
         unique = dict(zip(keys, pairs))
         todo = [key for key in unique if key not in self.store]
-        print(f"judge {self.model_id}: {len(pairs)} pairs, {len(unique)} unique (dedupe saves "
+        print(f"judge {self.label}: {len(pairs)} pairs, {len(unique)} unique (dedupe saves "
               f"{len(pairs) - len(unique)} judge calls), {len(unique) - len(todo)} cached, {len(todo)} to judge")
         if todo:
             if self.model is None:
@@ -138,7 +159,7 @@ class Judge:
                 start = time.time()
                 results = generate_responses(self.model, self.tokenizer, [texts[k] for k in batch], self.max_new_tokens)
                 seconds = (time.time() - start) / len(batch)
-                return [{"key": key, "judge": self.model_id, "reference": unique[key][0], "candidate": unique[key][1],
+                return [{"key": key, "judge": self.label, "reference": unique[key][0], "candidate": unique[key][1],
                          "max_new_tokens": self.max_new_tokens, "seconds": round(seconds, 3), **result}
                         for key, result in zip(batch, results)]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from contextlib import contextmanager
 
@@ -25,10 +26,43 @@ def meteor_unavailable_reason() -> str | None:
     return "n/a: no Java (`java` is not on PATH; pycocoevalcap's METEOR runs a Java jar)"
 
 
-def _normalize(text: str) -> str:
-    # Lower-cased as R2Gen's reports are. Whitespace collapsed: ROUGE-L splits on single spaces (a double space would
-    # be an empty token) and METEOR talks to Java one line per pair (a newline would break that protocol).
-    return " ".join(text.lower().split())
+# R2Gen's list markers, replaced in this order: "1. " anywhere, then 2-5 after a sentence, then 2-5 after a space
+# (numbers above 5 stay, and so does a "2. " that opens the text)
+_LIST_MARKERS = (("1. ", ""), *((f". {n}. ", ". ") for n in range(2, 6)), *((f" {n}. ", ". ") for n in range(2, 6)))
+_QUOTES_AND_SLASHES = str.maketrans("", "", "\"/\\'")
+# R2Gen's class [.,?;*!%^&_+():-\[\]{}] spelled out: its ":-\[" is the range ':'..'[', which adds < = > @ and A-Z
+# (already lower-cased) and leaves "-" out, so hyphens stay, as do digits and # $ ` | ~
+_SENTENCE_PUNCTUATION = re.compile(r"[.,?;*!%^&_+()<=>@A-Z:\[\]{}]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_report_iu_xray(text: str) -> str:
+    """An IU X-Ray report cleaned exactly as R2Gen's `Tokenizer.clean_report_iu_xray` (modules/tokenizers.py) cleans
+    it before training and scoring (R2GenGPT's `clean_report`, dataset/data_helper.py, is a copy).
+
+    Runs of dots joined (three passes of ".." -> ".", so 16 dots still leave two), list markers removed
+    (`_LIST_MARKERS`), stripped, lower-cased, split into sentences at ". ", each sentence rid of " / \\ ' then stripped
+    then rid of `_SENTENCE_PUNCTUATION`, and the sentences joined by " . " with a final " .". Quirks kept: a sentence
+    left empty stays (R2Gen's filter `!= []` compares a string with a list, so it never drops one), giving a double
+    space, as does a character removed between two spaces; "" becomes " ."; a line break does not end a sentence;
+    "T11. " loses its "1. " and " 3. " becomes ". " even after a measurement ("4 x 3. " -> "4 x. ").
+    """
+    for _ in range(3):
+        text = text.replace("..", ".")
+    for marker, replacement in _LIST_MARKERS:
+        text = text.replace(marker, replacement)
+    return " . ".join(_SENTENCE_PUNCTUATION.sub("", sentence.translate(_QUOTES_AND_SLASHES).strip())
+                      for sentence in text.strip().lower().split(". ")) + " ."
+
+
+def _scored_text(text: str) -> str:
+    # Each whitespace run made one space before cleaning, so a line break ends a sentence as the single space of R2Gen's
+    # one-line reports does (not stripped: R2Gen strips after removing list markers, so a final "1. " goes). Collapsed
+    # after it too, as R2Gen scores token ids joined by single spaces: ROUGE-L splits on single spaces (a double space
+    # would be an empty token) and METEOR talks to Java one line per pair. A text without a word ("", or punctuation
+    # only: cleaned to ".") is empty, as R2Gen decodes an empty generation.
+    cleaned = " ".join(clean_report_iu_xray(_WHITESPACE.sub(" ", text)).split())
+    return cleaned if cleaned.strip(" .") else ""
 
 
 @contextmanager
@@ -60,14 +94,16 @@ def _meteor(meteor, gts: dict, res: dict) -> float:
 def nlg_metrics(references: list[str], hypotheses: list[str], meteor: bool = True) -> dict:
     """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr of hypotheses against one reference each, plus pair counts.
 
-    As R2Gen and R2GenGPT score: pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on dicts keyed by pair index,
-    texts lower-cased and split on whitespace, no PTB tokenizer (so "size." and "size" differ for BLEU, ROUGE-L and
-    CIDEr; METEOR normalizes punctuation itself). R2Gen's texts reach the scorers already cleaned by its tokenizer
-    (punctuation stripped, sentences joined by " . "): clean texts that way for numbers comparable to its papers.
+    As R2Gen and R2GenGPT score IU X-Ray: pycocoevalcap's Bleu(4), Meteor(), Rouge() and Cider() on dicts keyed by
+    pair index, both sides cleaned by `clean_report_iu_xray` (lower-cased, punctuation stripped, sentences joined by
+    " . ") with whitespace collapsed, no PTB tokenizer. Without that cleaning "size." and "size" would differ for BLEU,
+    ROUGE-L and CIDEr, and the numbers would not be comparable with their papers'.
     METEOR is None without Java (`meteor_unavailable_reason()` says why) or with `meteor=False` (its JVM takes
     10-15 s to start: too slow for a check after every training stage).
-    Empty reference: the pair is not scored, only counted (pycocoevalcap would give it ROUGE-L 1 but BLEU and CIDEr 0).
-    Empty hypothesis, non-empty reference: scored as a miss (0 per pair) and counted. No pair left: NaN metrics.
+    Empty means without a word once cleaned ("", or punctuation only such as "..." or "1. "). Empty reference: the pair
+    is not scored, only counted (pycocoevalcap would give it ROUGE-L 1 but BLEU and CIDEr 0). Empty hypothesis,
+    non-empty reference: scored as a miss (as "", not the " ." R2Gen's cleaner makes of it: 0 per pair) and counted.
+    No pair left: NaN metrics.
     """
     with meteor_scorer(meteor) as scorer:
         return _scores(references, hypotheses, scorer)
@@ -76,7 +112,7 @@ def nlg_metrics(references: list[str], hypotheses: list[str], meteor: bool = Tru
 def _scores(references: list[str], hypotheses: list[str], meteor) -> dict:
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    pairs = [(ref, hyp) for ref, hyp in zip(map(_normalize, references), map(_normalize, hypotheses)) if ref]
+    pairs = [(ref, hyp) for ref, hyp in zip(map(_scored_text, references), map(_scored_text, hypotheses)) if ref]
     counts = {"pairs": len(pairs), "empty_references": len(references) - len(pairs),
               "empty_hypotheses": sum(not hyp for _, hyp in pairs)}
     scores = {**dict.fromkeys(METRICS, math.nan), "METEOR": None if meteor is None else math.nan}

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from peft import PeftModel
 from tokenizers import Tokenizer, models
-from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessorPil,
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessorPil,
                           CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
                           LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor, MistralConfig,
                           PreTrainedTokenizerFast)
@@ -106,7 +106,13 @@ def load_processor(model_id: str = DEFAULT_MODEL_ID, *, visual_tokens: str = DEF
     template used in training).
     """
     config = model_config(AutoConfig.from_pretrained(model_id, token=token), visual_tokens)
-    processor = fit_processor(AutoProcessor.from_pretrained(processor_id or model_id, token=token), config)
+    processor = AutoProcessor.from_pretrained(processor_id or model_id, token=token)
+    # With torchvision installed (Colab) AutoProcessor picks the torchvision image processor, whose tile and anyres
+    # pixels differ from the PIL one's by up to 0.015: the PIL backend everywhere, so a run trained in one place
+    # generates from the same pixels in another
+    processor.image_processor = AutoImageProcessor.from_pretrained(processor_id or model_id, token=token,
+                                                                   backend="pil")
+    processor = fit_processor(processor, config)
     left_padded(processor.tokenizer)  # for batched generation; TRL's collator pads training batches its own way
     return processor
 

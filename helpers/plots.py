@@ -12,6 +12,7 @@ from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea, VPacker
 from matplotlib.ticker import MaxNLocator
 
 from .attention import base_heatmaps
+from .clinical import COLUMNS as CLINICAL_COLUMNS
 from .data import REGIONS
 from .judge import ERROR_CATEGORIES, green_scorer
 from .reports import HEADERS
@@ -297,4 +298,27 @@ def plot_confidence_vs_green(frame, path, system: str):
     left.legend(fontsize=8)
     right.boxplot([g.to_numpy(float) for g in groups])
     right.set_xticks([1, 2], [f"no false finding (n={len(groups[0])})", f"false finding (n={len(groups[1])})"])
+    return _save(fig, path)
+
+
+def plot_clinical(table, runs: list[str], path, split: str = "test"):
+    """RadEval's metrics (`clinical.clinical_table`), one panel each: every system's value on `split` with its 95%
+    interval; runs filled, baselines hatched."""
+    part = table.xs(SPLIT_NAMES[split], level="split")
+    columns = (len(CLINICAL_COLUMNS) + 1) // 2
+    fig, axes = plt.subplots(2, columns, figsize=(3 * columns, 6), squeeze=False)
+    for ax, column in zip(axes.flat, CLINICAL_COLUMNS):
+        values = part[column].to_numpy(dtype=float)
+        errors = np.abs(part[[f"{column} lo", f"{column} hi"]].to_numpy(dtype=float).T - values)
+        bars = ax.bar(range(len(part)), np.nan_to_num(values), yerr=np.nan_to_num(errors), capsize=3, color="C0")
+        for bar, system in zip(bars, part.index):
+            if system not in runs:
+                bar.set(hatch="//", facecolor="white", edgecolor="C0")
+        ax.set_title(column, fontsize=9)
+        ax.set_xticks(range(len(part)), part.index, rotation=45, ha="right", fontsize=7)
+    for ax in list(axes.flat)[len(CLINICAL_COLUMNS):]:
+        ax.remove()
+    fig.suptitle(f"RadEval metrics, {SPLIT_NAMES[split]}, whole reports" +
+                 (" (random stand-in checkpoints: meaningless)" if part.Checkpoints.str.startswith("random").any()
+                  else ""))
     return _save(fig, path)

@@ -3,8 +3,9 @@
     python -m helpers.run_notebooks --profile demo --out artifacts/demo [-p NAME VALUE ...] [NOTEBOOK ...]
 
 Without notebook names it runs the demo chain (`DEMO_STEPS`): 01, then 02 and 03 once per preset of `DEMO_RUNS`,
-then 04, which compares the runs. Each `-p` parameter goes to the notebooks whose parameters cell declares it (as
-papermill's own -p does), over the chain's own.
+then 04, which compares the runs; with `-p SMOKE True` the smoke chain (`SMOKE_STEPS`: 02 and 03 for the first run
+only). Each `-p` parameter goes to the notebooks whose parameters cell declares it (as papermill's own -p does), over
+the chain's own.
 """
 from __future__ import annotations
 
@@ -21,10 +22,18 @@ from .commands import parameter_value
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEMO_RUNS = {"demo-two_stage": "two_stage", "demo-qlora": "qlora"}  # two presets, so notebook 04 compares two runs
-DEMO_STEPS = [("01_region_prompting.ipynb", {}),
-              *[("02_sft_lora_qlora.ipynb", {"RUN_NAME": run, "PRESET": preset}) for run, preset in DEMO_RUNS.items()],
-              *[("03_generate.ipynb", {"RUN_NAME": run}) for run in DEMO_RUNS],
-              ("04_green_eval.ipynb", {})]
+
+
+def chain(runs: dict[str, str]) -> list[tuple[str, dict]]:
+    """01, then 02 and 03 for each run {name: preset}, then 04."""
+    return [("01_region_prompting.ipynb", {}),
+            *[("02_sft_lora_qlora.ipynb", {"RUN_NAME": run, "PRESET": preset}) for run, preset in runs.items()],
+            *[("03_generate.ipynb", {"RUN_NAME": run}) for run in runs],
+            ("04_green_eval.ipynb", {})]
+
+
+DEMO_STEPS = chain(DEMO_RUNS)
+SMOKE_STEPS = chain(dict(list(DEMO_RUNS.items())[:1]))  # a smoke checks the code path once: two_stage, two stages
 
 
 def declared_parameters(name: str) -> set[str]:
@@ -33,10 +42,10 @@ def declared_parameters(name: str) -> set[str]:
 
 def run_notebook(name: str, artifacts_dir: str | Path, profile: str = "demo", **parameters) -> Path:
     """Run one notebook with working directory notebooks/; the executed copy goes to `artifacts_dir/executed/`,
-    named after the run when RUN_NAME is given."""
+    named after the run when RUN_NAME is given, and "-smoke" for a smoke run."""
     artifacts_dir = Path(artifacts_dir).resolve()
-    run = parameters.get("RUN_NAME")
-    executed = artifacts_dir / "executed" / (name if run is None else name.replace(".ipynb", f"-{run}.ipynb"))
+    suffix = "".join(f"-{part}" for part in (parameters.get("RUN_NAME"), parameters.get("SMOKE") and "smoke") if part)
+    executed = artifacts_dir / "executed" / name.replace(".ipynb", f"{suffix}.ipynb")
     executed.parent.mkdir(parents=True, exist_ok=True)
     # the kernel talks over Unix sockets in a private folder: nothing listens on a TCP port (ipykernel warns if so)
     with tempfile.TemporaryDirectory() as sockets:
@@ -55,8 +64,8 @@ def main(argv=None) -> int:
                         help="a notebook parameter, e.g. -p VISUAL_TOKENS tile (repeatable)")
     parser.add_argument("notebooks", nargs="*", help="names to run (default: all, in order)")
     args = parser.parse_args(argv)
-    steps = [(name, {}) for name in args.notebooks] or DEMO_STEPS
     parameters = {name: parameter_value(value) for name, value in args.parameter}
+    steps = [(name, {}) for name in args.notebooks] or (SMOKE_STEPS if parameters.get("SMOKE") else DEMO_STEPS)
     declared = {name: declared_parameters(name) for name, _ in steps}
     unknown = set(parameters) - set().union(*declared.values())
     if unknown:

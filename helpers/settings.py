@@ -20,6 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # study first (torch's default for NCCL is 10 minutes).
 PROCESS_WAIT = timedelta(hours=2)
 SMALL_GPU_GIB = 24  # below this a 7B model in 16 bits (~14 GiB of weights) leaves too little room: load it in 4-bit
+# GREEN's judge runs as GREEN runs it (fp16) wherever its 13.5 GB of fp16 weights fit beside a batch: 4-bit only below
+# this (a T4), where a 4-bit build scores differently (README, "GREEN judge precision")
+JUDGE_4BIT_BELOW_GIB = 20
+GREEN_TOKEN_BUDGET = 2048  # GREEN truncates prompts to 2,048 tokens and lets answers run to that total
 
 # What each profile trains and runs with. Precision is not a profile setting: it follows the GPU (`precision_for`).
 # visual_tokens "base" everywhere: for a near-square X-ray, "tile" adds a second copy of the same 336 px image and
@@ -30,13 +34,13 @@ PROFILES = {
                  lr_scale=10, generate_batch_size=4, judge_batch_size=8, judge_max_new_tokens=16),
     # 15 GiB (T4, P100, V100-16GB): QLoRA
     "t4": dict(load_in_4bit=True, batch_size=1, grad_accum=8, epochs=3, save_steps=50, logging_steps=10,
-               lr_scale=1, generate_batch_size=8, judge_batch_size=8, judge_max_new_tokens=512),
+               lr_scale=1, generate_batch_size=8, judge_batch_size=8, judge_max_new_tokens=GREEN_TOKEN_BUDGET),
     # 22-24 GiB (L4, A10, RTX 3090/4090): QLoRA, same effective batch
     "l4": dict(load_in_4bit=True, batch_size=1, grad_accum=8, epochs=3, save_steps=50, logging_steps=10,
-               lr_scale=1, generate_batch_size=8, judge_batch_size=8, judge_max_new_tokens=512),
+               lr_scale=1, generate_batch_size=8, judge_batch_size=4, judge_max_new_tokens=GREEN_TOKEN_BUDGET),
     # 40 GiB and more (A100, H100): 16-bit LoRA
     "a100": dict(load_in_4bit=False, batch_size=4, grad_accum=2, epochs=3, save_steps=50, logging_steps=10,
-                 lr_scale=1, generate_batch_size=16, judge_batch_size=16, judge_max_new_tokens=512),
+                 lr_scale=1, generate_batch_size=16, judge_batch_size=16, judge_max_new_tokens=GREEN_TOKEN_BUDGET),
 }
 
 
@@ -76,7 +80,9 @@ class Settings:
     gpu_memory_gb: float | None
     precision: str  # "fp16" | "bf16" | "fp32": mixed precision of training, dtype of every 16-bit model
     offline: bool  # demo: tiny random models built here, no API calls, no downloads
-    inference_4bit: bool  # the GREEN judge, the retrieval model and the hf splitter load in 4-bit
+    inference_4bit: bool  # the retrieval model and the hf splitter load in 4-bit
+    judge_precision: str  # dtype of the GREEN judge: GREEN's own fp16 on every GPU (fp32 on the CPU)
+    judge_4bit: bool  # the GREEN judge in 4-bit nf4 (fp16 compute): only where fp16 weights cannot fit
     load_in_4bit: bool  # training: QLoRA (4-bit base model) or 16-bit LoRA
     batch_size: int
     grad_accum: int
@@ -86,7 +92,7 @@ class Settings:
     lr_scale: float
     generate_batch_size: int  # a start: generation halves it on out-of-memory
     judge_batch_size: int  # likewise
-    judge_max_new_tokens: int
+    judge_max_new_tokens: int  # GREEN's: answers run to its 2,048-token total (prompt included)
     visual_tokens: str = "base"
 
     @property
@@ -114,6 +120,8 @@ def resolve(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Se
                     artifacts_dir=Path(artifacts_dir or default_artifacts).resolve(), gpu_name=name,
                     gpu_memory_gb=memory, precision="fp32" if offline else precision_for(capability), offline=offline,
                     inference_4bit=memory is not None and memory < SMALL_GPU_GIB and not offline,
+                    judge_precision="fp16" if memory is not None and not offline else "fp32",
+                    judge_4bit=memory is not None and memory < JUDGE_4BIT_BELOW_GIB and not offline,
                     **PROFILES[profile])
 
 

@@ -15,6 +15,9 @@ from tqdm.auto import tqdm
 
 from .settings import processes
 
+# cuBLAS and cuDNN report a failed workspace allocation as a plain RuntimeError, not as torch.OutOfMemoryError
+ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
 
 def sha256(*parts: str) -> str:
     digest = hashlib.sha256()
@@ -102,8 +105,8 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
     """Run `work(batch) -> records` on the items whose `key(item)` is not in `store` yet, appending each batch's
     records as soon as it is done, so a kill loses at most the batch in flight and a rerun skips what is done.
 
-    On CUDA out-of-memory the batch size halves and the same batch is tried again (down to 1): long GPU steps find
-    the batch size that fits instead of dying. Returns counts and the batch size that ran last.
+    On CUDA out-of-memory (`is_out_of_memory`) the batch size halves and the same batch is tried again (down to 1):
+    long GPU steps find the batch size that fits instead of dying. Returns counts and the batch size that ran last.
     """
     todo = [item for item in items if key(item) not in store]
     start, position = time.time(), 0
@@ -113,7 +116,7 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
             try:
                 records = work(batch)
             except Exception as error:
-                if batch_size == 1 or not isinstance(error, torch.OutOfMemoryError):
+                if batch_size == 1 or not is_out_of_memory(error):
                     raise
                 records = None
             if records is None:  # retried here, after the except block released the failed batch's tensors
@@ -126,6 +129,12 @@ def run_batches(store: JsonlStore, items: list, key, work, *, batch_size: int, d
             bar.update(len(batch))
     return {"items": len(items), "done_now": len(todo), "done_before": len(items) - len(todo),
             "seconds": round(time.time() - start, 2), "batch_size": batch_size}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA out of memory, including cuBLAS / cuDNN failing to allocate their workspace."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and any(name in str(error) for name in ALLOCATION_FAILURES))
 
 
 def shard_path(path: Path, process_index: int | str) -> Path:
@@ -192,6 +201,8 @@ def run_sharded(store: JsonlStore, items: list, key, work, *, batch_size: int, d
 
 
 def free_gpu_memory() -> None:
-    gc.collect()
+    """Collect what no longer has a reference, then hand the cached blocks back to CUDA (a no-op on the CPU, where a
+    full collection of the heap costs ~1 s and frees nothing the allocator keeps)."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import statistics
 
-from datasets import Dataset, Image, List
+from datasets import Dataset
 from PIL import Image as PILImage
 
-from .data import by_split, load_studies, readable_studies
+from .data import by_split, load_studies, open_image, readable_studies
 from .modeling import image_tokens_per_view
 from .reports import format_report, user_message
 from .storage import sha256
@@ -39,10 +39,16 @@ def conversation(study, max_views: int) -> list[dict]:
 
 
 def build_dataset(studies, max_views: int):
-    """`messages` + `images`; images stay paths until read, decoded to RGB by `datasets` (memory stays flat)."""
-    rows = [{"messages": conversation(s, max_views), "images": [str(p) for p in s.image_paths[:max_views]]}
-            for s in studies]
-    return Dataset.from_list(rows).cast_column("images", List(Image(mode="RGB")))
+    """`messages` + `images`: the table holds each view's path and study, and reading a row decodes its views with
+    `open_image`, so training sees the pixels generation sees (a 16-bit PNG scaled, not clipped) and memory stays
+    flat. TRL's vision collator needs only PIL images under `images`, not an Image feature."""
+    rows = [{"messages": conversation(s, max_views),
+             "images": [{"path": str(p), "study": s.id} for p in s.image_paths[:max_views]]} for s in studies]
+    return Dataset.from_list(rows).with_transform(_open_views)
+
+
+def _open_views(batch: dict) -> dict:
+    return {**batch, "images": [[open_image(v["path"], v["study"]) for v in views] for views in batch["images"]]}
 
 
 def token_counts(studies, processor, max_views: int) -> list[dict]:

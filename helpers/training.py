@@ -7,26 +7,29 @@ rate, precision, batch, schedule, model selection) and `method_table` (all of it
 from __future__ import annotations
 
 import json
+import re
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict
 from peft.utils import load_peft_weights
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from .data import study_images
 from .generation import default_max_new_tokens, generate_batch
 from .metrics import nlg_metrics
-from .modeling import load_model_and_processor, training_chat_template, vision_layers_used
+from .modeling import load_model_and_processor, model_config as mode_config, training_chat_template, vision_layers_used
 from .reports import INSTRUCTION, whole_report
 from .settings import get_secret, peak_gpu_memory_gb, processes, torch_dtype
-from .storage import atomic_write_json
+from .storage import atomic_write_json, free_gpu_memory, open_store, run_sharded
 from .train_data import build_dataset
 
+WARN_ABOVE = 0.8  # of the GPU's memory: what the estimate leaves out (CUDA context, allocator slack) is not small
 HOLDOUT_NLG_STUDIES = 32  # held-out studies generated after each stage for `holdout_nlg`: a cheap check, not a test
 # PEFT full-matches these against module paths such as "model.language_model.layers.0.self_attn.q_proj".
 LLM_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -92,6 +95,7 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
               "precision": settings.precision,
               "load_in_4bit": settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
               "visual_tokens": visual_tokens or settings.visual_tokens, "batch_size": settings.batch_size,
+              "generate_batch_size": settings.generate_batch_size,  # the held-out check's (halved on out-of-memory)
               # N processes accumulate 1/N as many steps, so the effective batch (and the presets' learning rates)
               # stay the profile's; a run resumes only with the same number of processes
               "grad_accum": max(1, round(settings.grad_accum / n_processes)), "processes": n_processes,
@@ -101,7 +105,58 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
               "max_length": max_length, "instruction": INSTRUCTION,
               "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout},
               "vision_lora_layers": vision_layers_used(model_config), "seed": seed, **extra}
-    return json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
+    config = json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
+    check_memory(config, model_config, settings.gpu_memory_gb)
+    return config
+
+
+def memory_estimate_gib(config: dict, model_config) -> dict:
+    """A computed estimate, by part, of one training step's peak GPU memory (GiB) for the longest study (`max_length`
+    tokens) at the run's batch size; never measured (make gpu-check measures). The model is built on the meta device
+    to count its parameters. Activation checkpointing keeps each layer's input (2 bytes per value); one layer is
+    recomputed at a time; the logits and their gradient are fp32; the image tokens also pass the vision tower.
+    """
+    base = mode_config(model_config, config["visual_tokens"])
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(base)
+    text, vision = base.text_config, base.vision_config
+    linears = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = sum(n for name, n in linears.items() if ".language_model." in name) if config["load_in_4bit"] else 0
+    everything = sum(p.numel() for p in model.parameters())
+    targets = lora_config(config).target_modules
+    lora = sum(config["lora"]["r"] * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, name))
+    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    tokens = config["batch_size"] * (config.get("max_length") or 0)
+    gib = 2 ** 30
+    return {
+        # nf4 is half a byte per weight plus ~3% of block constants; prepare_model_for_kbit_training upcasts the
+        # rest (embeddings, lm_head, vision tower, projector) to fp32
+        "weights": (quantized * 0.53 + (everything - quantized) * (4 if config["load_in_4bit"] else 2)) / gib,
+        "trainable_and_adam": (lora + projector) * 16 / gib,  # fp32 weight, gradient and two moments
+        "activations": tokens * (text.num_hidden_layers * text.hidden_size * 2  # checkpointed layer inputs
+                                 + (10 * text.hidden_size + 3 * text.intermediate_size) * 2  # one layer recomputed
+                                 + text.vocab_size * 8  # fp32 logits and their gradient
+                                 + vision.num_hidden_layers * vision.hidden_size * 2) / gib,
+    }
+
+
+def check_memory(config: dict, model_config, gpu_memory_gb: float | None) -> None:
+    """Refuse a run whose computed peak (`memory_estimate_gib`) exceeds the GPU's memory, warn above WARN_ABOVE of
+    it, before any weight loads; no GPU, no check."""
+    if gpu_memory_gb is None or not config.get("max_length"):
+        return
+    parts = memory_estimate_gib(config, model_config)
+    total = sum(parts.values())
+    figures = (f"computed training peak ~{total:.1f} GiB ({', '.join(f'{k} {v:.1f}' for k, v in parts.items())}) "
+               f"for max_length {config['max_length']} x batch {config['batch_size']}, visual tokens "
+               f"{config['visual_tokens']!r}, 4-bit {config['load_in_4bit']}, on a {gpu_memory_gb} GiB GPU")
+    if total > gpu_memory_gb:
+        raise ValueError(f"{figures}: it cannot fit. Use VISUAL_TOKENS 'base', fewer MAX_VIEWS, LOAD_IN_4BIT True, "
+                         f"or a larger GPU")
+    if total > WARN_ABOVE * gpu_memory_gb:
+        warnings.warn(f"{figures}: above {WARN_ABOVE:.0%} of the GPU, it may run out of memory (VISUAL_TOKENS "
+                      f"'base' or fewer MAX_VIEWS leave room)", stacklevel=2)
 
 
 def _part(name: str) -> str | None:
@@ -211,16 +266,48 @@ def trainable_in_fp32(model):
             param.data = before.get(name, param.data).float()
 
 
-def holdout_nlg(model, processor, config: dict, studies, limit: int = HOLDOUT_NLG_STUDIES) -> dict:
-    """A cheap generation metric of the stage's selected weights: BLEU, ROUGE-L and CIDEr of greedy whole reports on
+def mixed_precision(config: dict):
+    """The autocast the Trainer trains under, for calls outside it: PEFT's `generate` calls the base model's, which
+    bypasses the autocast accelerate wraps around `forward`, and the fp32 trainable copies (`trainable_in_fp32`)
+    would then meet 16-bit activations ("expected m1 and m2 to have the same dtype")."""
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch_dtype(config["precision"]),
+                          enabled=config["precision"] != "fp32")
+
+
+def holdout_nlg(model, processor, config: dict, studies, store_path, limit: int = HOLDOUT_NLG_STUDIES) -> dict:
+    """A cheap generation metric of the model's current weights: BLEU, ROUGE-L and CIDEr of greedy whole reports on
     the first `limit` held-out studies (no METEOR: its JVM is slow to start). Reported beside the held-out loss,
-    which alone selects the checkpoint."""
+    which alone selects the checkpoint.
+
+    Through the batch runner at the run's generation batch size (halved on out-of-memory), under the training
+    autocast; the reports are kept in `store_path`, so a killed check resumes where it stopped.
+    """
     studies = studies[:limit]
     model.eval()
-    records = generate_batch(model, processor, [study_images(s, config["max_views"]) for s in studies],
-                             [s.id for s in studies], max_new_tokens=default_max_new_tokens(config))
-    return nlg_metrics([whole_report(s.regions) for s in studies], [whole_report(r["regions"]) for r in records],
-                       meteor=False)
+
+    def generate(batch):
+        with mixed_precision(config):
+            return generate_batch(model, processor, [study_images(s, config["max_views"]) for s in batch],
+                                  [s.id for s in batch], max_new_tokens=default_max_new_tokens(config))
+
+    store, _ = run_sharded(open_store(store_path, key_field="id"), studies, lambda s: s.id, generate,
+                           batch_size=config["generate_batch_size"], desc="held-out check", unit="study")
+    return nlg_metrics([whole_report(s.regions) for s in studies],
+                       [whole_report(store.get(s.id)["regions"]) for s in studies], meteor=False)
+
+
+def stage_holdout_check(model, processor, config: dict, studies, stage_dir: Path) -> dict:
+    """`holdout_nlg` of the stage's selected weights, or {"error": ...}: a diagnostic, never fatal, and run only after
+    the stage's weights and record are saved."""
+    set_peft_model_state_dict(model, load_peft_weights(str(stage_dir / "final")))
+    try:
+        return holdout_nlg(model, processor, config, studies, stage_dir / "holdout_predictions.jsonl")
+    except Exception as error:  # noqa: BLE001  (the stage is saved; whatever failed here is reported, not raised)
+        print(f"  WARNING: the held-out check failed ({type(error).__name__}: {error}); the stage's weights and "
+              f"record are saved, and the run goes on")
+        return {"error": f"{type(error).__name__}: {error}"[:2000]}
+    finally:
+        free_gpu_memory()
 
 
 def _check_config(run, config: dict) -> None:
@@ -264,30 +351,18 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> di
         done = stage_dir / "stage_done.json"
         if done.is_file():
             print(f"stage {index + 1} ({stage['name']}): done earlier, skipped")
-            metrics["stages"].append(json.loads(done.read_text(encoding="utf-8")))
-            continue
-        if index:  # start from the previous stage's selected weights (also after a restart)
-            set_peft_model_state_dict(model, load_peft_weights(str(stage_dirs[index - 1] / "final")))
-        counts = set_trainable(model, stage)
-        print(f"stage {index + 1} ({stage['name']}): {stage['epochs']} epoch(s), lr {stage['lr']}, trainable "
-              + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
-        trainer = make_trainer(model, processor, config, stage, stage_dir, train_dataset, holdout_dataset, callbacks)
-        last = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
-        resumed_from = int(Path(last).name.split("-")[-1]) if last else 0
-        if last:
-            print(f"  resuming from {last}")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        start = time.time()
-        trainer.train(resume_from_checkpoint=last)
-        seconds = time.time() - start
-        trainer.save_model(str(stage_dir / "final"))  # by the main process only (the Trainer's `should_save`)
-        record = _stage_record(index, stage, counts, trainer.state, resumed_from, seconds, config, state.num_processes)
-        # every process generates the same greedy reports (no process waits idle at a barrier for the main one)
-        record["holdout_nlg"] = holdout_nlg(model, processor, config, holdout_studies)
-        if state.is_main_process:
-            atomic_write_json(done, record)
-        state.wait_for_everyone()  # the next stage reads this stage's final weights
+            record = json.loads(done.read_text(encoding="utf-8"))
+        else:
+            record = _train_stage(model, processor, config, index, stage_dirs, train_dataset, holdout_dataset,
+                                  callbacks)
+            if state.is_main_process:  # the weights and the record first: the held-out check is a diagnostic
+                atomic_write_json(done, record)
+            state.wait_for_everyone()  # the next stage and the check read this stage's final weights
+        if "holdout_nlg" not in record:  # absent: not run yet, or killed midway (it resumes); a failure is recorded
+            record["holdout_nlg"] = stage_holdout_check(model, processor, config, holdout_studies, stage_dir)
+            if state.is_main_process:
+                atomic_write_json(done, record)
+            state.wait_for_everyone()
         metrics["stages"].append(record)
     # the last stage's selected weights, also when every stage had finished before this call
     set_peft_model_state_dict(model, load_peft_weights(str(stage_dirs[-1] / "final")))
@@ -296,6 +371,35 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> di
         atomic_write_json(run.metrics_path, metrics)
     state.wait_for_everyone()
     return metrics
+
+
+def _train_stage(model, processor, config: dict, index: int, stage_dirs: list[Path], train_dataset, holdout_dataset,
+                 callbacks) -> dict:
+    """Train (or resume) one stage with a new trainer, save its selected weights to final/, release the trainer and
+    its optimizer state; returns the stage's record."""
+    stage, stage_dir = config["stages"][index], stage_dirs[index]
+    if index:  # start from the previous stage's selected weights (also after a restart)
+        set_peft_model_state_dict(model, load_peft_weights(str(stage_dirs[index - 1] / "final")))
+    counts = set_trainable(model, stage)
+    print(f"stage {index + 1} ({stage['name']}): {stage['epochs']} epoch(s), lr {stage['lr']}, trainable "
+          + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    trainer = make_trainer(model, processor, config, stage, stage_dir, train_dataset, holdout_dataset, callbacks)
+    last = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
+    resumed_from = int(Path(last).name.split("-")[-1]) if last else 0
+    if last:
+        print(f"  resuming from {last}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.time() - start
+    trainer.save_model(str(stage_dir / "final"))  # by the main process only (the Trainer's `should_save`)
+    record = _stage_record(index, stage, counts, trainer.state, resumed_from, seconds, config,
+                           processes().num_processes)
+    trainer.accelerator.free_memory()  # the optimizer state and gradients go before anything generates
+    del trainer
+    free_gpu_memory()
+    return record
 
 
 def _stage_record(index: int, stage: dict, counts: dict, trainer_state, resumed_from: int, seconds: float,

@@ -116,3 +116,32 @@ def test_analyze_study_on_the_tiny_model(model_and_processor, study, tmp_path):
     plots.plot_shares(analysis, tmp_path / f"{study.id}_visual_share.png")
     plots.plot_heatmaps(analysis, tmp_path / f"{study.id}_heatmaps.png")
     assert {p.name for p in tmp_path.glob("*.png")} == {f"{study.id}_visual_share.png", f"{study.id}_heatmaps.png"}
+
+
+def test_a_failing_study_is_named_and_skipped_not_fatal(model_and_processor, sample_studies, monkeypatch, capsys):
+    model, processor = model_and_processor
+    studies = data.by_split(sample_studies, "test")[:3]
+    real = attention.analyze_study
+
+    def out_of_memory_on_the_second(model, processor, study, **options):
+        if study.id == studies[1].id:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+        return real(model, processor, study, **options)
+
+    monkeypatch.setattr(attention, "analyze_study", out_of_memory_on_the_second)
+    analyses = attention.analyze_studies(model, processor, studies, max_views=MAX_VIEWS, max_new_tokens=4)
+    assert [a["id"] for a in analyses] == [studies[0].id, studies[2].id]
+    out = capsys.readouterr().out
+    assert f"WARNING attention for {studies[1].id} skipped: OutOfMemoryError" in out
+    assert "2 of 3 studies analysed, 1 skipped" in out
+
+
+def test_eager_attention_estimate_for_three_anyres_views():
+    """Computed: 32 heads x (3 anyres 512x512 views + ~160 text tokens)² x 8 bytes, one layer at a time."""
+    from transformers import MistralConfig
+
+    tokens = 3 * modeling.visual_tokens_per_view(512, 512, "anyres") + 160
+    assert tokens == 8944
+    assert attention.prompt_attention_gib(MistralConfig(num_attention_heads=32), tokens) == pytest.approx(
+        32 * 8944 ** 2 * 8 / 2 ** 30)  # ~19.1 GiB: more than a T4 or an L4 has, per layer
+    assert 19 < attention.prompt_attention_gib(MistralConfig(num_attention_heads=32), tokens) < 20

@@ -58,7 +58,8 @@ print(json.dumps({{"commands": commands, "fresh": helpers.colab is not before, "
     result = json.loads(last)
     git = ["git", "-C", str(repo), "pull", "-q"] if cloned else ["git", "clone", "-q", colab.REPO_URL, str(repo)]
     pip = [sys.executable, "-m", "pip", "install", "-q"]
-    assert result["commands"] == [git, pip + ["-r", f"{repo}/requirements.txt"], pip + colab.GREEN_SCORE]
+    assert result["commands"] == [git, pip + ["-r", f"{repo}/requirements.txt"], pip + colab.GREEN_SCORE,
+                                  pip + colab.RADEVAL]
     assert result["fresh"] and result["path"] == str(repo)  # helpers imported again, from the clone
     assert printed[-1].startswith("installed; no restart needed")  # pip did nothing here
 
@@ -73,7 +74,13 @@ def test_a_restart_is_asked_for_only_when_an_imported_package_changed(monkeypatc
     monkeypatch.setattr(colab, "imported_distributions", lambda: {"tqdm": "4.0.0", "gone-dist": "1.0"})
     with pytest.raises(colab.RestartRequired, match=rf"Restart the runtime.*gone-dist 1.0 -> removed, tqdm 4.0.0 -> {tqdm}"):
         colab.install("/repo", green_score=True)
-    assert calls[-1] == tuple(colab.GREEN_SCORE)
+    assert calls[-2:] == [tuple(colab.GREEN_SCORE), tuple(colab.RADEVAL)]
+
+
+def test_colab_installs_the_packages_make_venv_installs_without_dependencies():
+    makefile = (ROOT / "Makefile").read_text()
+    for packages in (colab.GREEN_SCORE, colab.RADEVAL):
+        assert "pip install " + " ".join(packages) in makefile
 
 
 def test_imported_distributions_are_those_with_a_module_loaded():

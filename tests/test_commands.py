@@ -73,6 +73,9 @@ def test_option_values_are_the_notebook_parameters_types():
     evaluate = vars(parser.parse_args(["evaluate", "--run-names", "a", "7", "--meteor", "False"]))
     assert (evaluate["RUN_NAMES"], evaluate["METEOR"]) == (["a", "7"], False)
     assert vars(parser.parse_args(["generate", "--attention-layers", "1", "2"]))["ATTENTION_LAYERS"] == [1, 2]
+    for step in commands.NOTEBOOKS:  # a True / False parameter alone is True: --smoke is --smoke True
+        assert [vars(parser.parse_args([step, *given, "--profile", "demo"]))["SMOKE"]
+                for given in ([], ["--smoke"], ["--smoke", "True"], ["--smoke", "False"])] == [False, True, True, False]
 
 
 def test_open_store_merges_what_a_killed_multi_process_run_left(tmp_path):
@@ -204,12 +207,13 @@ def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_pa
                                                       for s, t in zip(studies, train)))
         run_helpers("split", artifacts)  # the val references
         run_helpers("evaluate", artifacts, "--judge-batch-size", "2", "--meteor", "False", "--n-boot", "50",
-                    processes=processes)
+                    "--clinical", "False", processes=processes)
         cache = [json.loads(line) for line in (artifacts / "eval" / "green_cache.jsonl").read_text().splitlines()]
         # the key hashes the judge's path, which differs between the two folders: records compared without it
         outputs[processes] = {"cache": [{k: v for k, v in r.items() if k not in ("key", "judge", "seconds")}
                                         for r in cache],
-                              **{name: (artifacts / "eval" / "compare" / name).read_text()
+                              # the tables name the judge by its path too
+                              **{name: (artifacts / "eval" / "compare" / name).read_text().replace(str(artifacts), "")
                                  for name in ("green_compare.csv", "green_stats.csv", "nlg.csv")}}
         assert not list((artifacts / "eval").glob("*.process-*"))
     assert len(outputs[1]["cache"]) > 4  # several batches of 2, so both processes judged some

@@ -1,11 +1,14 @@
 import json
 import shutil
+import warnings
 
+import numpy as np
 import pytest
 from conftest import ROOT, SHARED_IU_XRAY, needs_shared
+from PIL import Image, PngImagePlugin
 
-from helpers.data import (ALL_REGIONS, _parse_entry, by_split, load_studies, read_annotation, readable_studies,
-                          study_images)
+from helpers.data import (ALL_REGIONS, _parse_entry, by_split, load_studies, open_image, read_annotation,
+                          readable_studies, study_images)
 from helpers.data import DataError
 from helpers.storage import JsonlStore, atomic_write_json
 
@@ -121,14 +124,15 @@ def test_no_images_for_a_required_split_is_an_error_naming_where_they_belong(tmp
         load_studies(data, require_images="train")
     assert str(error.value) == (
         f"{data / 'images'}: none of the 1 train studies has images (3 of the 3 studies in {data / 'annotation.json'} "
-        f"lack them); expected <DATA_DIR>/images/<id>/*.png, e.g. {data / 'images' / 'a'}/*.png; "
-        f"{data / 'images'} is missing or empty")
+        f"lack them); expected <DATA_DIR>/images/<id>/*.{{png,jpg,jpeg}}, "
+        f"e.g. {data / 'images' / 'a'}/*.{{png,jpg,jpeg}}; {data / 'images'} is missing or empty")
 
 
 def test_a_nested_images_folder_is_shown_when_no_study_has_images(tmp_path):
     data = make_data(tmp_path, MINIMAL, ["images/a"])  # unzipped one level too deep
-    with pytest.raises(DataError, match=r"none of the 1 val / 1 test studies has images .* e\.g\. .*images/b/\*\.png "
-                                        r"or .*images/c/\*\.png; .*images holds e\.g\. images$"):
+    views = r"/\*\.\{png,jpg,jpeg\}"
+    with pytest.raises(DataError, match=rf"none of the 1 val / 1 test studies has images .* e\.g\. .*images/b{views} "
+                                        rf"or .*images/c{views}; .*images holds e\.g\. images$"):
         load_studies(data, require_images=("val", "test"))
 
 
@@ -152,6 +156,71 @@ def test_corrupt_png_is_reported_with_file_and_study(tmp_path):
     with pytest.raises(DataError, match=r"none of the 1 studies has readable images, e.g.:\n  .*b/0.png: study b"):
         readable_studies([bad])
     assert readable_studies([]) == []
+
+
+RAMP_16_BIT = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit level once
+
+
+def test_16_bit_grayscale_is_scaled_by_bit_depth_and_8_bit_opens_as_before(tmp_path, monkeypatch):
+    Image.fromarray(RAMP_16_BIT).save(tmp_path / "16.png")
+    expected = np.round(RAMP_16_BIT / 257)  # value * 255 / 65535
+    # as Pillow 13 opens it (I;16), then as older Pillow did (I, read as big-endian 16-bit)
+    for png_16_bit_mode in ("I;16", "I"):
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), (png_16_bit_mode, "I;16B"))
+        with Image.open(tmp_path / "16.png") as image:
+            assert image.mode == png_16_bit_mode
+        rgb = np.asarray(open_image(tmp_path / "16.png", "s"))
+        assert (rgb == rgb[..., :1]).all() and np.array_equal(rgb[..., 0], expected)
+        assert rgb[..., 0].flat[[0, 32768, 65535]].tolist() == [0, 128, 255]  # min, middle, max of the ramp
+        assert (rgb == 255).mean() < 0.01  # PIL's convert("RGB") clips 99.6% of the ramp to white
+    ramp_8_bit = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for image in (Image.fromarray(ramp_8_bit), Image.fromarray(np.dstack([ramp_8_bit] * 3)),
+                  Image.fromarray(ramp_8_bit).convert("P")):
+        image.save(tmp_path / f"{image.mode}.png")
+        with Image.open(tmp_path / f"{image.mode}.png") as reread:
+            assert np.array_equal(np.asarray(open_image(tmp_path / f"{image.mode}.png", "s")),
+                                  np.asarray(reread.convert("RGB")))
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_deep_images_without_a_known_range_are_refused(tmp_path, mode):
+    path = tmp_path / "0.tif"
+    Image.fromarray(RAMP_16_BIT).convert(mode).save(path)
+    with pytest.raises(DataError, match=rf"0.tif: study s: cannot scale a TIFF image of mode {mode} to 8 bits"):
+        open_image(path, "s")
+
+
+def test_jpeg_views_load_in_natural_file_name_order(tmp_path):
+    data = make_data(tmp_path, MINIMAL, ["a", "b", "c"])
+    folder = data / "images" / "a"
+    with Image.open(folder / "0.png") as png:
+        view = png.convert("RGB")
+    (folder / "0.png").unlink()
+    for name in ("0.jpg", "1.JPEG", "2.png", "9.png", "10.png"):
+        view.save(folder / name, format="PNG" if name.endswith("png") else "JPEG")
+    study = next(s for s in load_studies(data) if s.id == "a")
+    assert [p.name for p in study.image_paths] == ["0.jpg", "1.JPEG", "2.png", "9.png", "10.png"]
+    views = study_images(study)
+    assert len(views) == 5 and all(v.mode == "RGB" and v.size == view.size for v in views)
+
+
+def test_other_files_in_study_folders_are_counted_in_one_warning_and_not_loaded(tmp_path):
+    data = make_data(tmp_path, MINIMAL, ["a", "b"])
+    images = data / "images"
+    for name in ("notes.txt", "0.dcm", ".DS_Store", "._0.png"):  # ._0.png: a macOS resource fork, not an image
+        (images / "a" / name).write_bytes(b"not a view")
+    (images / "a" / "lateral").mkdir()
+    (images / "c").mkdir()
+    (images / "c" / "0.dcm").write_bytes(b"DICOM")  # only a DICOM file: the study has no views
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        studies = load_studies(data)
+    ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
+    assert len(ignored) == 1 and ignored[0].startswith(f"{images}: 6 files or folders in study folders are not views")
+    assert ignored[0].endswith(f"e.g. {images / 'a' / '0.dcm'}, {images / 'a' / '.DS_Store'}, "
+                               f"{images / 'a' / '._0.png'}")
+    assert any("skipped: c" in str(w.message) for w in caught)
+    assert {s.id: [p.name for p in s.image_paths] for s in studies} == {"a": ["0.png"], "b": ["0.png"]}
 
 
 def test_annotation_with_val_regions_is_accepted(tmp_path):

@@ -1,11 +1,12 @@
 """`make demo` end to end: the four notebooks in order (02 and 03 once per preset), each reading what the one before
-wrote, in each visual-token mode."""
+wrote, then the smoke chain; notebooks 02 and 03 in each other visual-token mode."""
+import hashlib
 import json
 
 import pandas as pd
 import pytest
 
-from helpers import modeling, reports, runs
+from helpers import commands, modeling, reports, runs, smoke
 from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 
 # what a quiet start leaves out of the executed notebooks: tqdm without widgets, the kernel's plain-TCP warning,
@@ -28,12 +29,13 @@ def check_executed(executed_dir):
             assert "image/png" in kinds and WIDGET not in kinds, path.name
 
 
-@pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
-def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mode):
+def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir):
+    """`make demo`: the chain in the default visual-token mode, then the smoke chain into the same folder."""
     names = sorted(p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
     assert names == ["01_region_prompting.ipynb", "02_sft_lora_qlora.ipynb", "03_generate.ipynb",
                      "04_green_eval.ipynb"]
-    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode]) == 0  # what make demo VISUAL_TOKENS=... runs
+    mode = modeling.DEFAULT_VISUAL_TOKENS
+    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode]) == 0  # what make demo runs
     check_executed(tmp_path / "executed")
 
     val_ids = {e["id"] for e in json.loads((sample_dir / "annotation.json").read_text())["val"]}
@@ -42,23 +44,90 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir, mod
     compared = artifacts.find_runs()
     assert [r.name for r in compared] == list(DEMO_RUNS)  # two presets, in the order trained
     for run in compared:
-        config, metrics = run.config, json.loads(run.metrics_path.read_text())
-        assert run.trained and config["preset"] == DEMO_RUNS[run.name]
-        assert config["instruction"] == reports.INSTRUCTION and config["visual_tokens"] == mode
-        assert all(set(stage["holdout_nlg"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} for stage in metrics["stages"])
-        for split, n in (("val", 4), ("test", 4)):
-            assert len(run.predictions(split).read_text().splitlines()) == n
-        # one visual-share plot per analysed study (heatmaps need region tokens, which a random model may not write)
-        attention_pngs = {p.name for p in run.attention_dir.glob("*.png")}
-        assert "confidence.png" in attention_pngs and sum(n.endswith("_visual_share.png") for n in attention_pngs) == 3
+        check_run(run, mode, DEMO_RUNS[run.name])
         table = pd.read_csv(run.eval_dir / "green_table.csv", index_col=0)
         assert list(table.index) == ["Validation", "Testing"]
-        assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report"]
+        assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report", "judge"]
+        assert table.judge.str.endswith("tiny-green-judge (fp32)").all()  # its id and precision beside the scores
     compare = pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1])
     assert set(compare.index.get_level_values(0)) == {*DEMO_RUNS, "template", "retrieval"}
     assert set(pd.read_csv(artifacts.compare_dir / "green_diff.csv").run) == {"demo-qlora"}
     nlg = pd.read_csv(artifacts.compare_dir / "nlg.csv")
     assert len(nlg) == 4 * 2 * 5 and nlg["BLEU-1"].notna().any()  # systems x splits x (regions + whole report)
+    check_clinical(artifacts.compare_dir)
+    check_smoke_chain(tmp_path, mode)  # the smoke chain beside the real runs, into the same folder
+
+
+@pytest.mark.parametrize("mode", [m for m in modeling.VISUAL_TOKENS if m != modeling.DEFAULT_VISUAL_TOKENS])
+def test_the_visual_token_modes_train_and_generate(tmp_path, mode):
+    """`make demo VISUAL_TOKENS=...`'s notebooks that depend on the mode, 02 then 03 (01 and 04 read no image
+    token: they run in the default mode above)."""
+    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode, "-p", "RUN_NAME", "demo-two_stage",
+                 "02_sft_lora_qlora.ipynb", "03_generate.ipynb"]) == 0
+    check_executed(tmp_path / "executed")
+    check_run(runs.Artifacts(tmp_path).run("demo-two_stage"), mode, "two_stage")
+
+
+def check_run(run, mode: str, preset: str):
+    """A trained run in `mode` with its held-out checks, 4 + 4 predictions and one visual-share plot per analysed
+    study (heatmaps need region tokens, which a random model may not write)."""
+    config, metrics = run.config, json.loads(run.metrics_path.read_text())
+    assert run.trained and config["preset"] == preset
+    assert config["instruction"] == reports.INSTRUCTION and config["visual_tokens"] == mode
+    assert all(set(stage["holdout_nlg"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} for stage in metrics["stages"])
+    for split, n in (("val", 4), ("test", 4)):
+        assert len(run.predictions(split).read_text().splitlines()) == n
+    attention_pngs = {p.name for p in run.attention_dir.glob("*.png")}
+    assert "confidence.png" in attention_pngs and sum(n.endswith("_visual_share.png") for n in attention_pngs) == 3
+
+
+def check_clinical(compare_dir):
+    """RadEval's metrics for every run and baseline on both splits, with intervals and paired differences."""
+    table = pd.read_csv(compare_dir / "clinical.csv", index_col=[0, 1])
+    assert set(table.index) == {(s, split) for s in (*DEMO_RUNS, "template", "retrieval")
+                                for split in ("Validation", "Testing")}
+    for column in ("CheXbert F1 micro-14", "CheXbert F1 macro-14", "CheXbert F1 micro-5", "CheXbert F1 macro-5",
+                   "RadGraph F1"):
+        assert table[column].notna().all() and {f"{column} lo", f"{column} hi"} <= set(table.columns)
+    assert (table.Checkpoints == "random stand-ins: meaningless").all()
+    diff = pd.read_csv(compare_dir / "clinical_diff.csv")
+    assert set(diff.run) == {"demo-qlora"} and set(diff.reference) == {"demo-two_stage"}
+    assert (compare_dir / "rexrank_iu_xray.csv").read_text().startswith("# Comparable with ReXrank")
+    assert (compare_dir / "plots" / "clinical.png").stat().st_size > 0
+
+
+def file_digests(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] != "executed"}
+
+
+def check_smoke_chain(root, mode):
+    """SMOKE=True through the four notebooks (02 and 03 once): every step writes its projection.json in its smoke
+    folder, and not one byte of the real runs' files changes; `python -m helpers train --smoke` finds the same run."""
+    before = file_digests(root)
+    assert main(["--out", str(root), "-p", "VISUAL_TOKENS", mode, "-p", "SMOKE", "True", "-p", "METEOR", "False",
+                 "-p", "CLINICAL", "False"]) == 0
+    check_executed(root / "executed")
+    after = file_digests(root)
+    assert {path: after.get(path) for path in before} == before  # the real runs' files, byte for byte
+    run = smoke.Artifacts(root, True).run("demo-two_stage-smoke")
+    smoke_dirs = [root / "regions" / "smoke", root / "eval" / "smoke", run.train_dir, run.generate_dir, run.eval_dir]
+    assert all(any((root / path).is_relative_to(d) for d in smoke_dirs) for path in set(after) - set(before))
+    for folder in (root / "regions" / "smoke", run.train_dir, run.generate_dir, run.eval_dir):
+        projection = json.loads((folder / "projection.json").read_text())
+        assert projection["projected from a smoke run"] and projection["hours"] >= 0, folder
+    config = run.config
+    assert config["n_train"] == 6 and len(config["holdout_ids"]) == 2 and config["full_run"]["n_train"] == 14
+    assert all("holdout_nlg" in stage for stage in json.loads(run.metrics_path.read_text())["stages"])
+    assert [len(run.predictions(split).read_text().splitlines()) for split in ("val", "test")] == [4, 4]
+    assert sum(p.name.endswith("_visual_share.png") for p in run.attention_dir.glob("*.png")) == 1
+    compare = pd.read_csv(root / "eval" / "smoke" / "compare" / "green_compare.csv", index_col=[0, 1])
+    assert set(compare.index.get_level_values(0)) == {run.name}  # no baselines in a smoke run
+    # the command builds the notebook's smoke config: the same run, already trained (a different one is refused)
+    projection = (run.train_dir / "projection.json").read_bytes()
+    assert commands.main(["train", "--smoke", "--profile", "demo", "--artifacts-dir", str(root),
+                          "--run-name", "demo-two_stage", "--visual-tokens", mode]) == 0
+    assert (run.train_dir / "projection.json").read_bytes() == projection
 
 
 def test_unknown_parameter_is_refused():

@@ -1,4 +1,5 @@
-"""`make gpu-check` in its dry run: every part on the CPU at tiny widths, one JSON with the expected records."""
+"""`make gpu-check` in its dry run (every part on the CPU at tiny widths, one JSON with the expected records), its
+--quick mode, its failure handling, and the fit rules it applies on the GPUs users have."""
 import json
 import os
 import subprocess
@@ -8,12 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import gpu_check, settings
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def gpu_check(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "helpers.gpu_check", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout)
 
 
 def positive(record, *fields):
@@ -22,43 +20,142 @@ def positive(record, *fields):
 
 def test_dry_run_measures_every_part(tmp_path):
     out = tmp_path / "gpu_check.json"
-    run = gpu_check("--dry-run", "--out", str(out))
+    run = subprocess.run([sys.executable, "-m", "helpers.gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert result["dry_run"] is True and result["device"]["transformers"]
+    assert result["dry_run"] is True and result["quick"] is False and result["device"]["transformers"]
 
     measured = result["train"]
-    assert {(r["visual_tokens"], r["views_per_study"]) for r in measured} == {(m, v) for m in ("tile", "base")
-                                                                              for v in (1, 2, 3)}
+    assert [(r["visual_tokens"], r["views_per_study"]) for r in measured] == [(m, v) for m in ("tile", "base")
+                                                                              for v in (1, 2, 3)]
     for r in measured:
         assert positive(r, "seconds_per_step", "image_tokens_per_study", "text_tokens_per_study_approx")
         assert r["load_in_4bit"] and r["measured_steps"] > 0 and r["peak_memory_gib"] is None  # no GPU here
         # the real geometry: 1,176 tokens per square view with one 336 tile, 576 with the base tile alone
         assert r["image_tokens_per_study"] == {"tile": 1176, "base": 576}[r["visual_tokens"]] * r["views_per_study"]
 
-    assert {(r["load_in_4bit"], r["batch_size"]) for r in result["generate"]} == {(q, b) for q in (True, False)
-                                                                                 for b in (1, 2)}
+    assert [(r["load_in_4bit"], r["batch_size"]) for r in result["generate"]] == [(q, b) for q in (True, False)
+                                                                                 for b in (1, 2)]
     assert all(positive(r, "studies_per_s", "generated_tokens_per_s", "generated_tokens_per_study")
-               for r in result["generate"])
+               and r["estimate_gib"] is None for r in result["generate"])  # nothing estimated for tiny models
 
     ours, shipped = result["judge"]
     assert (ours["loop"], shipped["loop"]) == ("helpers.judge.Judge", "green_score.green.GREEN")
+    assert (ours["dtype"], ours["load_in_4bit"], shipped["dtype"]) == ("float32", False, "float16")  # CPU settings
     assert ours["new_tokens_per_pair"] == shipped["new_tokens_per_pair"] > 0
-    assert ours["same_responses"] and positive(ours, "seconds_per_pair", "generated_tokens_max")
-    assert positive(shipped, "seconds_per_pair")
+    assert ours["generated_tokens_max"] == shipped["generated_tokens_max"] == ours["new_tokens_per_pair"]
+    assert positive(ours, "seconds_per_pair") and positive(shipped, "seconds_per_pair")
+    assert shipped["same_responses"] is None  # ours ran in fp32, GREEN in fp16: not comparable
 
 
-def test_problems_names_missing_and_non_positive_fields():
-    from helpers.gpu_check import problems
+def test_quick_dry_run_appends_each_measurement_and_a_failure_does_not_stop_the_run(tmp_path, monkeypatch):
+    """--quick in this process; then --part judge with our loop failing and GREEN in a child process (as on a
+    machine with two GPUs): the earlier records stay, the failure is recorded, the next measurement still runs."""
+    out, workdir = tmp_path / "gpu_check.json", str(tmp_path / "work")
+    written, write = [], gpu_check.atomic_write_json
+    monkeypatch.setattr(gpu_check, "atomic_write_json", lambda path, obj: (
+        path == out and written.append([len(obj.get(part, [])) for part in gpu_check.PARTS]), write(path, obj)))
+    assert gpu_check.main(["--dry-run", "--quick", "--out", str(out), "--workdir", workdir]) == 0
+    # one write per measurement, each adding one record: 2 training views, 2 generation precisions, 2 judge loops
+    assert written == [[1, 0, 0], [2, 0, 0], [2, 1, 0], [2, 2, 0], [2, 2, 1], [2, 2, 2]]
+    quick = json.loads(out.read_text())
+    assert quick["quick"] is True and quick["dry_run"] is True
+    assert [(r["visual_tokens"], r["views_per_study"]) for r in quick["train"]] == [("base", 1), ("base", 3)]
+    assert [(r["load_in_4bit"], r["batch_size"]) for r in quick["generate"]] == [(True, 2), (False, 2)]
+    assert gpu_check.problems(quick) == []
 
-    result = {"dry_run": False, "train": [{"visual_tokens": "tile", "views_per_study": 1, "image_tokens_per_study": 576,
-                                           "seconds_per_step": 0.0, "peak_memory_gib": None},
-                                          ], "judge": []}
-    assert problems(result) == ["train[0].seconds_per_step = 0.0", "train[0].peak_memory_gib = None",
-                                "judge: no records"]
+    measure = gpu_check.Check.measure_judge
+
+    def ours_fails(check, fields):
+        if fields["loop"] == gpu_check.OURS:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return measure(check, fields)
+
+    monkeypatch.setattr(gpu_check.Check, "measure_judge", ours_fails)
+    real_env = gpu_check.shipped_green_env
+    monkeypatch.setattr(gpu_check, "shipped_green_env", lambda count, environ: real_env(2, environ))
+    written.clear()
+    assert gpu_check.main(["--dry-run", "--quick", "--part", "judge", "--out", str(out), "--workdir", workdir]) == 1
+    assert written == [[2, 2, 1], [2, 2, 2]]  # the same machine and mode: parts add up in one JSON
+    result = json.loads(out.read_text())
+    assert result["train"] == quick["train"] and result["generate"] == quick["generate"]
+    failed, shipped = result["judge"]
+    assert failed["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"
+    assert positive(shipped, "seconds_per_pair", "generated_tokens_max") and shipped["same_responses"] is None
+    assert gpu_check.problems(result) == ["judge[0] failed: OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                                          "8.00 GiB"]
+
+
+def test_problems_names_failures_and_missing_fields_but_not_skipped_records():
+    result = {"dry_run": False,
+              "train": [{"visual_tokens": "tile", "views_per_study": 1, "image_tokens_per_study": 576,
+                         "seconds_per_step": 0.0, "peak_memory_gib": None}],
+              "generate": [{"load_in_4bit": False, "batch_size": 8, "estimate_gib": 15.4, "skipped": True,
+                            "why": "needs ~15.4 GiB"},
+                           {"load_in_4bit": True, "batch_size": 8, "estimate_gib": 5.76,
+                            "error": "OutOfMemoryError: CUDA out of memory.\nTried to allocate 2.00 GiB"},
+                           {"load_in_4bit": True, "batch_size": 1, "estimate_gib": 4.61, "studies_per_s": 0.5,
+                            "generated_tokens_per_s": 30.0, "peak_memory_gib": 5.1}],
+              "judge": []}
+    assert gpu_check.problems(result) == ["train[0].seconds_per_step = 0.0", "train[0].peak_memory_gib = None",
+                                          "generate[1] failed: OutOfMemoryError: CUDA out of memory.",
+                                          "judge: no records"]
+
+
+def test_estimates_count_the_real_models_weights():
+    """weights_gib's formula against the parameters of the real architectures built on the meta device."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, MistralConfig)
+
+    with torch.device("meta"):
+        llava = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**gpu_check.REAL["llava"]["vision"], image_size=336, patch_size=14),
+            text_config=MistralConfig(**gpu_check.REAL["llava"]["text"])))
+        judge = LlamaForCausalLM(LlamaConfig(**gpu_check.REAL["judge"]))
+    for model, name in ((llava, "llava"), (judge, "judge")):
+        counted = sum(p.numel() for p in model.parameters()) * 2 / 2**30
+        assert gpu_check.weights_gib(name, False) == pytest.approx(counted, rel=1e-3)
+    assert gpu_check.weights_gib("llava", True) == pytest.approx(4.44, abs=0.01)  # nf4 projections, 16-bit rest
+    assert gpu_check.kv_cache_gib(gpu_check.REAL["judge"], 8, 2048) == 8  # 512 KiB per Llama-2-7B token
+
+
+# (name, GiB, capability) -> the measurements skipped, and how our judge loop runs (4-bit?, batch)
+GPUS = {"T4": ((14.7, (7, 5)), {("generate", False, 1), ("generate", False, 8), ("judge", gpu_check.SHIPPED)},
+               (True, 8)),
+        "L4": ((22.2, (8, 9)), {("judge", gpu_check.SHIPPED)}, (False, 4)),
+        "A100-40GB": ((39.4, (8, 0)), set(), (False, 8)),
+        "80GB": ((79.1, (9, 0)), set(), (False, 8))}
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_fit_decisions(name, monkeypatch):
+    (memory, capability), skipped, (judge_4bit, judge_batch) = GPUS[name]
+    monkeypatch.setattr(settings, "gpu", lambda: (name, memory, capability))
+    on_this_gpu = settings.resolve()
+    for sizes in (gpu_check.REAL, gpu_check.quick(gpu_check.REAL, on_this_gpu)):
+        planned = gpu_check.plan(sizes, on_this_gpu, memory)
+        assert [fields for fields, _ in planned["train"]] == [
+            {"visual_tokens": m, "views_per_study": v} for m in sizes["visual_token_modes"]
+            for v in sizes["train_views"]]  # training (QLoRA, batch 1) is measured everywhere
+        generate = {("generate", f["load_in_4bit"], f["batch_size"]): why for f, why in planned["generate"]}
+        judge = {("judge", f["loop"]): why for f, why in planned["judge"]}
+        assert {key for key, why in {**generate, **judge}.items() if why} == {
+            key for key in skipped if key in generate or key in judge}
+        assert all("GiB headroom" in why for why in {**generate, **judge}.values() if why)
+        ours, shipped = (fields for fields, _ in planned["judge"])
+        assert (ours["dtype"], ours["load_in_4bit"], ours["batch_size"]) == ("float16", judge_4bit, judge_batch)
+        assert (shipped["dtype"], shipped["load_in_4bit"], shipped["batch_size"]) == ("float16", False, 8)
+        assert shipped["estimate_gib"] == pytest.approx(20.55)  # 12.55 GiB of fp16 weights + 8 GiB of KV cache
+
+
+def test_shipped_green_gets_one_gpu_in_a_child_process_only_where_several_are_visible():
+    assert gpu_check.shipped_green_env(0, {}) is None and gpu_check.shipped_green_env(1, {"A": "1"}) is None
+    assert gpu_check.shipped_green_env(2, {"A": "1"}) == {"A": "1", "CUDA_VISIBLE_DEVICES": "0"}
+    assert gpu_check.shipped_green_env(2, {"CUDA_VISIBLE_DEVICES": "3, 1"})["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_refuses_to_measure_without_a_gpu(tmp_path):
-    run = gpu_check("--out", str(tmp_path / "out.json"), timeout=120)
-    assert run.returncode == 2 and "no CUDA device" in run.stderr and not (tmp_path / "out.json").exists()
+def test_refuses_to_measure_without_a_gpu(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path / "out.json")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "out.json").exists()

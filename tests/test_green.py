@@ -23,7 +23,9 @@ def answer(matched: int, errors: dict | None = None) -> str:
 
 
 def seed_cache(path, judge_id, responses: dict):
-    JsonlStore(path).append([{"key": judge.judge_key(judge_id, ref, cand), "judge": judge_id, "reference": ref,
+    """Judge answers as `judge.Judge(judge_id, path)` (fp32 on the CPU) caches them: keyed by its label."""
+    label = judge.judge_label(judge_id)
+    JsonlStore(path).append([{"key": judge.judge_key(label, ref, cand), "judge": label, "reference": ref,
                               "candidate": cand, "response": text, "truncated": False}
                              for (ref, cand), text in responses.items()])
 
@@ -233,12 +235,15 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
                 responses.update({(ref, cand): said if ref else answer(0) for ref, cand in texts})
     seed_cache(artifacts / "eval" / "green_cache.jsonl", str(artifacts / "models" / "tiny-green-judge"), responses)
 
-    run_notebook("04_green_eval.ipynb", artifacts, profile="demo")
+    run_notebook("04_green_eval.ipynb", artifacts, profile="demo", CLINICAL=False)  # RadEval: test_demo.py
 
     columns = ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report"]
     for run, expected in (("a", 0.5), ("b", 1.0)):
         out = runs.Artifacts(artifacts).run(run).eval_dir
         table = pd.read_csv(out / "green_table.csv", index_col=0)
+        # the judge's id and precision beside the scores (fp32: the demo's tiny judge on the CPU)
+        judge_label = judge.judge_label(str(artifacts / "models" / "tiny-green-judge"))
+        assert set(table.pop("judge")) == {judge_label}
         assert list(table.index) == ["Validation", "Testing"] and list(table.columns) == columns
         for split, name in runs.SPLIT_NAMES.items():
             for region, column in reports.HEADERS.items():
@@ -247,7 +252,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
                 else:
                     assert math.isnan(table.loc[name, column])
             assert table.loc[name, "Whole report"] == pytest.approx(expected)
-        assert pd.read_csv(out / "green_table_ci.csv", index_col=0).shape == (2, 12)
+        assert pd.read_csv(out / "green_table_ci.csv", index_col=0).shape == (2, 13)
         for split in runs.SPLIT_NAMES:
             pairs = [json.loads(line) for line in (out / f"green_{split}.jsonl").read_text().splitlines()]
             assert len(pairs) == 5 * len(references[split]) and {p["system"] for p in pairs} == {run}
@@ -284,3 +289,18 @@ def test_bad_predictions_named(tmp_path, capsys):
     path.write_text(json.dumps({"id": "s0", "regions": {r: "" for r in REGIONS}}) + "\n")
     rows = green.region_pairs("model", "test", refs, generation.load_predictions(path, refs))
     assert len(rows) == 5 and "1 of 2 studies have no prediction and are not scored: s1" in capsys.readouterr().out
+
+
+def test_the_judge_label_names_its_precision_and_keys_its_cache(tmp_path):
+    """GREEN runs its judge in fp16; a 4-bit or bf16 judge answers differently, so its answers never stand in for
+    fp16 ones: the label (table headings, `judge` of each record) and the cache key carry the precision."""
+    import torch
+
+    labels = {judge.judge_label("J", four, dtype) for four in (False, True)
+              for dtype in (torch.float16, torch.bfloat16)}
+    assert labels == {"J (fp16)", "J (bf16)", "J (4-bit nf4, fp16 compute)", "J (4-bit nf4, bf16 compute)"}
+    seed_cache(tmp_path / "cache.jsonl", "J", {("a", "b"): answer(1)})
+    assert len(judge.Judge("J", tmp_path / "cache.jsonl").judge([("a", "b")])) == 1  # fp32 here: cached
+    four_bit = judge.Judge("J", tmp_path / "cache.jsonl", load_in_4bit=True, dtype=torch.float16)
+    assert four_bit.label == "J (4-bit nf4, fp16 compute)"
+    assert judge.judge_key(four_bit.label, "a", "b") not in four_bit.store  # would be judged anew, not reused

@@ -119,3 +119,25 @@ def test_load_for_inference_names_what_is_missing(tmp_path):
     run.config_path.write_text(json.dumps({"model_id": "x"}))
     with pytest.raises(FileNotFoundError, match="no trained adapter"):
         modeling.load_for_inference(run)
+
+
+@pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
+def test_processor_pins_the_pil_image_backend(tiny_model_dir, monkeypatch, mode):
+    """With torchvision installed (Colab) AutoProcessor picks the torchvision image processor; load_processor replaces
+    it with the PIL one, whatever AutoProcessor picked, so training and generation see the same pixels anywhere."""
+    from transformers import AutoProcessor
+    from transformers.image_processing_backends import PilBackend
+
+    real = AutoProcessor.from_pretrained
+
+    def torchvision_like(*args, **kwargs):  # what AutoProcessor gives beside torchvision: another image processor
+        processor = real(*args, **kwargs)
+        processor.image_processor = object()
+        return processor
+
+    monkeypatch.setattr(modeling.AutoProcessor, "from_pretrained", torchvision_like)
+    processor = modeling.load_processor(str(tiny_model_dir), visual_tokens=mode)
+    assert isinstance(processor.image_processor, PilBackend)
+    monkeypatch.undo()
+    assert processor.image_processor.to_dict() == modeling.load_processor(str(tiny_model_dir),
+                                                                         visual_tokens=mode).image_processor.to_dict()

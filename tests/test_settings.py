@@ -18,6 +18,19 @@ def test_precision_follows_capability():
     assert [precision_for(c) for c in ((7, 5), (8, 0), (9, 0), None)] == ["fp16", "bf16", "bf16", "fp32"]
 
 
+@pytest.mark.parametrize("memory,capability,judge_4bit", [(14.7, (7, 5), True), (22.2, (8, 9), False),
+                                                          (39.4, (8, 0), False), (79.1, (9, 0), False)])
+def test_the_judge_runs_as_green_runs_it(monkeypatch, tmp_path, memory, capability, judge_4bit):
+    """GREEN's fp16 on every GPU, whatever its bf16 support; 4-bit only where fp16 weights cannot fit (a T4); answers
+    run to GREEN's 2,048-token total."""
+    monkeypatch.setattr(settings, "gpu", lambda: ("GPU", memory, capability))
+    resolved = settings.resolve(None, tmp_path, tmp_path)
+    assert (resolved.judge_4bit, resolved.judge_precision) == (judge_4bit, "fp16")
+    assert resolved.judge_max_new_tokens == settings.GREEN_TOKEN_BUDGET == 2048
+    demo = settings.resolve("demo")
+    assert (demo.judge_4bit, demo.judge_precision) == (False, "fp32")
+
+
 @pytest.mark.parametrize("memory,capability,profile,inference_4bit,precision", [
     (14.7, (7, 5), "t4", True, "fp16"), (22.2, (8, 9), "l4", True, "bf16"), (39.4, (8, 0), "a100", False, "bf16")])
 def test_settings_for_each_gpu(monkeypatch, tmp_path, memory, capability, profile, inference_4bit, precision):

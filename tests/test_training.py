@@ -1,8 +1,10 @@
 """Notebook 02 on the tiny model: label masking, token budget, stages, resume, 4-bit on CPU, overfit, the notebook."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import TrainerCallback
 
 from helpers import data, modeling, reports, runs, train_data, training
@@ -39,6 +41,19 @@ def two_stage(tiny_model_dir, request):
 def collate(trainer, studies, max_views=3):
     dataset = train_data.build_dataset(studies, max_views)
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
+
+
+def test_training_rows_decode_views_with_open_image(tmp_path):
+    """A 16-bit PNG is scaled by its bit depth in training as in generation (PIL's convert would clip it)."""
+    path = tmp_path / "images" / "a" / "0.png"
+    path.parent.mkdir(parents=True)
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(path)
+    study = data.Study(id="a", split="train", regions=dict.fromkeys(data.ALL_REGIONS, ""), original_report=None,
+                       image_paths=[path])
+    views = train_data.build_dataset([study], 3)[0]["images"]
+    assert len(views) == 1 and np.array_equal(np.asarray(views[0]), np.asarray(data.open_image(path, "a")))
+    assert np.array_equal(np.asarray(views[0])[..., 0], np.round(ramp / 257))  # value * 255 / 65535
 
 
 def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_views, tmp_path):
@@ -262,6 +277,69 @@ def test_interrupted_run_resumes_without_redoing_anything(tiny_model_dir, train_
         training.train(run, {**config, "max_length": 300}, fit, held)
 
 
+class KeepOptimizer(TrainerCallback):
+    """A weak reference to each stage's optimizer, to see whether anything still holds it."""
+
+    def __init__(self):
+        self.optimizers = []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        import weakref
+
+        self.optimizers.append(weakref.ref(optimizer))
+
+
+def test_holdout_check_runs_in_batches_after_the_trainer_is_released(tiny_model_dir, train_studies, tmp_path,
+                                                                      monkeypatch):
+    import gc
+
+    stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage"]]
+    config = config_for(tiny_model_dir, stages=stages, max_length=256, save_steps=2, generate_batch_size=2,
+                        target_tokens_max=4)
+    optimizers, calls, real = KeepOptimizer(), [], training.generate_batch
+
+    def generate_batch(model, processor, views, ids, **kwargs):
+        gc.collect()
+        calls.append((len(views), [ref() is None for ref in optimizers.optimizers]))
+        return real(model, processor, views, ids, **kwargs)
+
+    monkeypatch.setattr(training, "generate_batch", generate_batch)
+    metrics = training.train(runs.Artifacts(tmp_path).run("run"), config, train_studies[:2], train_studies[2:7],
+                             callbacks=[optimizers])
+    assert [batch for batch, _ in calls] == [2, 2, 1, 2, 2, 1]  # 5 held-out studies, twice, 2 at a time
+    assert all(all(released) for _, released in calls)  # no optimizer state left while the check generates
+    assert all(s["holdout_nlg"]["pairs"] == 5 for s in metrics["stages"])
+
+
+def test_a_failed_holdout_check_never_blocks_the_stage(tiny_model_dir, train_studies, tmp_path, monkeypatch):
+    stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage"]]
+    config = config_for(tiny_model_dir, stages=stages, max_length=256, save_steps=2, target_tokens_max=4)
+    run, fit, held = runs.Artifacts(tmp_path).run("run"), train_studies[:2], train_studies[2:4]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED")  # not an allocation failure: no retry
+
+    monkeypatch.setattr(training, "generate_batch", out_of_memory)
+    metrics = training.train(run, config, fit, held)
+    assert run.trained and json.loads(run.metrics_path.read_text()) == metrics
+    for stage, record in zip(("1_frozen_vision", "2_vision_lora"), metrics["stages"]):
+        assert record["holdout_nlg"] == {"error": "RuntimeError: CUDA error: CUBLAS_STATUS_EXECUTION_FAILED"}
+        assert json.loads((run.checkpoints_dir / stage / "stage_done.json").read_text()) == record
+        assert (run.checkpoints_dir / stage / "final" / "adapter_model.safetensors").is_file()
+    # a check killed midway (its record has no result yet) runs again on rerun, without training anything
+    monkeypatch.undo()
+    done = run.checkpoints_dir / "2_vision_lora" / "stage_done.json"
+    record = json.loads(done.read_text())
+    del record["holdout_nlg"]
+    done.write_text(json.dumps(record))
+    run.metrics_path.unlink()
+    counter = CountSteps()
+    again = training.train(run, config, fit, held, callbacks=[counter])
+    assert counter.steps == [] and again["stages"][0] == metrics["stages"][0]
+    assert again["stages"][1]["holdout_nlg"]["pairs"] == len(held)
+    assert training.train(run, config, fit, held, callbacks=[counter]) == again and counter.steps == []
+
+
 def test_overfits_a_fixed_small_batch(tiny_model_dir, train_studies, tmp_path):
     stages = [{"name": "overfit", "epochs": 20, "lr": 3e-3, "vision_lora": False, "projector": True, "llm_lora": True}]
     config = config_for(tiny_model_dir, stages=stages, max_length=256, save_steps=10)
@@ -327,3 +405,41 @@ def test_notebook_02_runs_in_demo_and_writes_the_run_contract(tmp_path, train_st
     assert (run.train_dir / "loss.png").stat().st_size > 0
     model, processor, loaded = load_for_inference(run)
     assert loaded == config and processor.chat_template == training_chat_template(load_processor(config["model_id"]))
+
+
+def real_shaped_config():
+    """llava-v1.6-mistral-7b's config (shapes from its config.json), to count parameters on the meta device."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, MistralConfig
+
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, projection_dim=768, image_size=336, patch_size=14),
+        text_config=MistralConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=8),
+        image_grid_pinpoints=modeling.HUB_PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+@pytest.mark.parametrize("profile,gpu_gib,mode,views,outcome", [
+    ("t4", 14.7, "anyres", 3, "warned"), ("t4", 14.7, "base", 3, "fits"), ("l4", 22.2, "anyres", 3, "fits"),
+    ("a100", 39.4, "anyres", 3, "refused"), ("a100", 39.4, "base", 3, "fits")])
+def test_runs_that_cannot_fit_are_warned_about_or_refused_before_loading(tmp_path, recwarn, profile, gpu_gib, mode,
+                                                                         views, outcome):
+    """Computed, not measured: anyres QLoRA over three 512x512 views on a T4 comes within 80% of its memory; at the
+    a100 profile's batch of 4 the same studies need more than an A100-40GB has."""
+    real_shaped_config().save_pretrained(tmp_path)  # the config alone: make_config reads nothing else
+    max_length = views * modeling.visual_tokens_per_view(512, 512, mode) + 160  # + prompt and report text
+    settings = resolve(profile)
+    assert settings.gpu_memory_gb is None  # no GPU here: the check runs on the emulated GPU's memory
+    from dataclasses import replace
+
+    on_gpu = replace(settings, gpu_memory_gb=gpu_gib)
+    make = lambda: training.make_config(on_gpu, model_id=str(tmp_path), max_length=max_length, visual_tokens=mode)
+    if outcome == "refused":
+        with pytest.raises(ValueError, match=r"computed training peak ~\d+\.\d GiB .* it cannot fit"):
+            make()
+        return
+    config = make()
+    messages = [str(w.message) for w in recwarn if "computed training peak" in str(w.message)]
+    assert len(messages) == (outcome == "warned"), messages
+    total = sum(training.memory_estimate_gib(config, real_shaped_config()).values())
+    assert (total > training.WARN_ABOVE * gpu_gib) == (outcome == "warned") and total < gpu_gib

@@ -1,0 +1,111 @@
+"""Each GPU profile's numerics on the CPU, through the chain: two-stage training (a couple of optimizer steps per
+stage) with its held-out check, generation, attention on one study, the GREEN judge on a few pairs.
+
+`pytest -k profile_emulation` selects these. The GPU is emulated by its settings (`settings.gpu` reports the
+profile's GPU), so every choice the code makes from it is the one it makes on that GPU: 4-bit or 16-bit, the
+precision, batch sizes, the judge's precision. What the CPU cannot do as CUDA does is said per profile.
+"""
+import json
+
+import pytest
+import torch
+
+from helpers import attention, data, demo_models, generation, judge, modeling, runs, settings, train_data, training
+from helpers.settings import torch_dtype
+
+# (name, GiB as torch reports it, compute capability) of a GPU each profile is picked for
+PROFILE_GPUS = {"t4": ("Tesla T4", 14.7, (7, 5)), "l4": ("NVIDIA L4", 22.2, (8, 9)),
+                "a100": ("NVIDIA A100-SXM4-40GB", 39.4, (8, 0))}
+# What each profile runs, as the settings must give it (the test checks them before running)
+EXPECTED = {"t4": dict(precision="fp16", load_in_4bit=True, judge_4bit=True, judge_precision="fp16"),
+            "l4": dict(precision="bf16", load_in_4bit=True, judge_4bit=False, judge_precision="fp16"),
+            "a100": dict(precision="bf16", load_in_4bit=False, judge_4bit=False, judge_precision="fp16")}
+CPU_STANDS_IN = {
+    "t4": "4-bit nf4 with fp16 compute as on the T4; the Trainer's fp16 mixed precision has no CPU autocast and no "
+          "GradScaler (accelerate turns both off on the CPU), so the training steps run fp32 around the fp16 4-bit "
+          "matmuls; the held-out check and everything after run under fp16 autocast or in fp16 as on the T4",
+    "l4": "4-bit nf4 with bf16 compute under bf16 autocast, as on the L4",
+    "a100": "16-bit bf16 LoRA under bf16 autocast, as on the A100",
+}
+
+
+@pytest.fixture(params=sorted(PROFILE_GPUS))
+def emulated(request, monkeypatch, tmp_path, sample_dir):
+    """The settings on the profile's GPU, with every other module seeing that GPU too."""
+    monkeypatch.setattr(settings, "gpu", lambda: PROFILE_GPUS[request.param])
+    resolved = settings.resolve(None, sample_dir, tmp_path)
+    assert resolved.profile == request.param
+    return resolved
+
+
+def spy(monkeypatch, module, name, calls):
+    """Wrap module.name so that each call's batch size, autocast state and dtype are recorded."""
+    real = getattr(module, name)
+
+    def recorded(model, processor, views, *args, **kwargs):
+        calls.append({"batch": len(views), "autocast": torch.is_autocast_enabled("cpu"),
+                      "autocast_dtype": torch.get_autocast_dtype("cpu")})
+        return real(model, processor, views, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+
+
+def test_profile_emulation_chain(emulated, tiny_model_dir, sample_studies, tmp_path, monkeypatch):
+    profile = emulated.profile
+    print(f"{profile}: {CPU_STANDS_IN[profile]}")
+    assert {k: getattr(emulated, k) for k in EXPECTED[profile]} == EXPECTED[profile]
+    assert emulated.judge_max_new_tokens == judge.GREEN_MAX_LENGTH
+
+    # two stages of one epoch, 2 optimizer steps each at the profile's batch size; no accumulation, for time (the
+    # effective batch of the profiles: test_training.py)
+    fit, held = train_data.holdout_split(data.by_split(sample_studies, "train"))
+    fit = fit[:2 * emulated.batch_size]
+    stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage"]]
+    # target_tokens_max: the held-out check generates up to 1.5x this many tokens (the random model never stops)
+    config = training.make_config(emulated, model_id=str(tiny_model_dir), max_length=1024, stages=stages,
+                                  save_steps=2, target_tokens_max=6, grad_accum=1)
+    assert config["batch_size"] == emulated.batch_size and config["precision"] == EXPECTED[profile]["precision"]
+    holdout_calls = []
+    spy(monkeypatch, training, "generate_batch", holdout_calls)
+    run = runs.Artifacts(tmp_path).run(profile)
+    metrics = training.train(run, config, fit, held)
+    for stage in metrics["stages"]:
+        assert stage["global_step"] == 2, stage
+        assert "error" not in stage["holdout_nlg"], stage["holdout_nlg"]
+        assert stage["holdout_nlg"]["pairs"] == len(held)
+    # the check ran under the training precision's autocast, at most the profile's generation batch at a time
+    autocast = config["precision"] != "fp32"
+    assert holdout_calls and all(c["batch"] <= emulated.generate_batch_size for c in holdout_calls)
+    assert all(c["autocast"] == autocast and c["autocast_dtype"] == torch_dtype(config["precision"])
+               for c in holdout_calls)
+
+    # notebook 03: the run loaded as the settings load it, reports through the batch runner
+    model, processor, _ = modeling.load_for_inference(run, small_gpu=emulated.inference_4bit)
+    four_bit = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    assert four_bit == EXPECTED[profile]["load_in_4bit"]
+    assert model.get_input_embeddings().weight.dtype == torch_dtype(config["precision"])
+    test = data.by_split(sample_studies, "test")
+    out = run.predictions("test")
+    speed = generation.generate_split(model, processor, test, out, max_views=config["max_views"],
+                                      batch_size=emulated.generate_batch_size, max_new_tokens=8)
+    assert speed["generated_now"] == len(test) and speed["batch_size"] == emulated.generate_batch_size
+    records = generation.load_predictions(out, test)
+    assert set(records) == {s.id for s in test}
+
+    analysis = attention.analyze_study(model, processor, test[0], max_views=config["max_views"], max_new_tokens=6)
+    assert analysis["attention"].shape[0] == len(analysis["ids"]) > 0
+    del model
+
+    # notebook 04: the GREEN judge in the settings' precision (4-bit on the T4), at the profile's batch size; a few
+    # answer tokens only (the random judge would run to GREEN's 2,048-token total, slowly in fp16 on the CPU)
+    judge_dir = demo_models.build_random_judge(tmp_path / "judge", demo_models.tokenizer_corpus(sample_studies))
+    green = judge.Judge(str(judge_dir), tmp_path / "green_cache.jsonl", load_in_4bit=emulated.judge_4bit,
+                        dtype=torch_dtype(emulated.judge_precision), batch_size=emulated.judge_batch_size,
+                        max_new_tokens=8)
+    pairs = [(s.regions["lung"], records[s.id]["regions"]["lung"] or "No finding.") for s in test[:2]]
+    judged = green.judge(pairs)
+    assert len(judged) == 2 and all(r["judge"] == green.label for r in judged)
+    assert green.label.endswith("(4-bit nf4, fp16 compute)" if emulated.judge_4bit else "(fp16)")
+    assert green.model.get_input_embeddings().weight.dtype == torch.float16
+    assert any(type(m).__name__ == "Linear4bit" for m in green.model.modules()) == emulated.judge_4bit
+    assert json.loads((tmp_path / "green_cache.jsonl").read_text().splitlines()[0])["judge"] == green.label
