@@ -112,10 +112,14 @@ def train(p, settings, artifacts) -> None:
         smoke_config = smoke.training_config(fit, held, training.resolve_stages(p.PRESET, p.EPOCHS or settings.epochs,
                                                                                 settings.lr_scale))
         fit, held = smoke.training_studies(fit + held, p.HOLDOUT_FRACTION)
+    preference, judge = training.preference_inputs(settings, artifacts, p.PRESET, candidates=p.DPO_CANDIDATES,
+                                                   studies=p.DPO_STUDIES, beta=p.DPO_BETA,
+                                                   judge_model_id=p.JUDGE_MODEL_ID)
     config = training.make_config(settings, model_id=model_id, preset=p.PRESET, epochs=p.EPOCHS,
                                   max_views=p.MAX_VIEWS, visual_tokens=visual_tokens, load_in_4bit=p.LOAD_IN_4BIT,
-                                  lora_r=p.LORA_R, lora_alpha=2 * p.LORA_R, **budget, **smoke_config)
-    metrics = training.train(run, config, fit, held)
+                                  lora_r=p.LORA_R, lora_alpha=2 * p.LORA_R, preference=preference, **budget,
+                                  **smoke_config)
+    metrics = training.train(run, config, fit, held, judge=judge)
     if processes().is_main_process:
         plots.plot_losses(metrics, run.train_dir / "loss.png")
         print(f"run {run.name}: adapter in {run.adapter_dir}, metrics in {run.metrics_path}")
@@ -190,13 +194,23 @@ def evaluate(p, settings, artifacts) -> None:
         print("wrote", path)
     for path in evaluation.write_figures(frame, tables, artifacts, plan.runs):
         print("wrote", path)
+    clinical = ()
     if p.CLINICAL:
         from .clinical import REXRANK_NOTE
 
-        _, _, leaderboard, paths = evaluation.clinical_metrics(settings, artifacts, studies, systems, refs, plan, judge,
-                                                               nlg, tables, p.N_BOOT, p.SEED)
+        clinical_table, _, leaderboard, clinical_scores, paths = evaluation.clinical_metrics(
+            settings, artifacts, studies, systems, refs, plan, judge, nlg, tables, p.N_BOOT, p.SEED)
+        clinical = clinical_table, clinical_scores
         print("\n".join(f"wrote {path}" for path in paths))
         print(REXRANK_NOTE, leaderboard.round(3), sep="\n")
+    lengths = evaluation.report_lengths(systems)
+    print(lengths.round(1))
+    counterparts = evaluation.sft_counterparts(artifacts, plan.runs)
+    comparison = evaluation.preference_comparison(counterparts, frame, stats, nlg, lengths, *clinical, n_boot=p.N_BOOT,
+                                                  seed=p.SEED)
+    print(evaluation.preference_in_words(comparison, counterparts))
+    for path in evaluation.write_preference_outputs(comparison, lengths, artifacts):
+        print("wrote", path)
     if p.SMOKE:
         projection = smoke.judge_projection(settings, judge, frame, len(plan.runs), all_refs)
         for name in plan.runs:

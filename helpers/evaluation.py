@@ -5,16 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import matplotlib.pyplot as plt
+import pandas as pd
 
 from . import baselines, clinical, demo_models, plots
 from .data import DataError, by_split, load_studies
 from .generation import load_predictions
-from .green import PROTOCOL, compare_table, markdown_table
+from .green import COLUMNS as GREEN_COLUMNS, PROTOCOL, SCORED, compare_table, markdown_table, paired_differences
 from .judge import Judge, judge_label
 from .modeling import load_model_and_processor
+from .reports import REPORT, whole_report
 from .runs import SPLIT_NAMES
 from .settings import get_secret, processes, torch_dtype
-from .storage import free_gpu_memory
+from .storage import atomic_write_text, free_gpu_memory
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def clinical_metrics(settings, artifacts, studies, systems: dict, references: di
                      tables: dict, n_boot: int, seed: int) -> tuple:
     """RadEval's clinical metrics of every system (`clinical.evaluate`), after the GREEN judge is released (on a T4
     they never share the GPU with it); their tables, the ReXrank row and the plot written. Returns
-    (table, paired differences, ReXrank row, paths written)."""
+    (table, paired differences, ReXrank row, per-study scores, paths written)."""
     judge.release()
     table, diff, scores = clinical.evaluate(systems, references, reference_run=plan.reference_run, run_names=plan.runs,
                                             n_boot=n_boot, seed=seed,
@@ -102,7 +104,7 @@ def clinical_metrics(settings, artifacts, studies, systems: dict, references: di
     paths = clinical.write_outputs(table, diff, scores, artifacts, board)
     paths.append(artifacts.compare_dir / "plots" / "clinical.png")
     plots.plot_clinical(table, plan.runs, paths[-1])
-    return table, diff, board, paths
+    return table, diff, board, scores, paths
 
 
 def make_judge(artifacts, plan: Plan) -> Judge:
@@ -146,3 +148,93 @@ def write_figures(frame, tables: dict, artifacts, run_names: list[str]) -> list:
         paths += [out / "error_categories.png", out / "score_distribution.png", out / "confidence_vs_errors.png"]
     plt.close("all")
     return paths
+
+
+def report_lengths(systems: dict[str, dict[str, dict]]):
+    """Per system and split: mean words of the whole report and distinct reports (whitespace-normalised), the two
+    numbers a win made of longer or templated reports shows in."""
+    rows = []
+    for system, by_split in systems.items():
+        for split, predictions in by_split.items():
+            reports = [" ".join(whole_report(p["regions"]).split()) for p in predictions.values()]
+            rows.append({"system": system, "split": SPLIT_NAMES[split], "studies": len(reports),
+                         "mean words": sum(len(r.split()) for r in reports) / len(reports) if reports else float("nan"),
+                         "distinct reports": len(set(reports))})
+    return pd.DataFrame(rows).set_index(["system", "split"])
+
+
+def sft_counterparts(artifacts, run_names: list[str]) -> dict[str, str | None]:
+    """Each compared run with a preference stage -> the compared run trained with the same settings and its SFT stages
+    only (two_stage for two_stage_dpo), or None when there is none among them."""
+    configs = {name: artifacts.run(name).config for name in run_names if artifacts.run(name).config_path.is_file()}
+
+    def sft_part(config):
+        return ({k: v for k, v in config.items() if k not in ("preset", "stages", "preference", "full_run")},
+                [stage for stage in config["stages"] if not stage.get("dpo")])
+
+    return {name: next((other for other, c in configs.items() if "preference" not in c and sft_part(c) == sft_part(config)),
+                       None)
+            for name, config in configs.items() if "preference" in config}
+
+
+def preference_comparison(counterparts: dict, frame, stats, nlg, lengths, clinical_table=None, clinical_scores=None,
+                          n_boot: int = 1000, seed: int = 0):
+    """Each preference run against its SFT counterpart, per split: what it optimises (GREEN per region and whole
+    report: paired bootstrap) and what it does not (NLG on whole reports; RadEval's metrics, paired bootstrap; mean
+    report length; distinct reports). Columns: sft, dpo, difference (dpo - sft), its 95% interval where paired."""
+    rows = []
+    for run, sft in counterparts.items():
+        if sft is None:
+            continue
+        green_diff = paired_differences(frame, [run], sft, n_boot, seed).set_index(["split", "region"])
+        means = stats.set_index(["system", "split", "region"]).green
+        clinical_diff = (clinical.paired_differences(clinical_scores, [run], sft, n_boot, seed)
+                         .set_index(["split", "metric"]) if clinical_scores is not None else None)
+        for split, name in SPLIT_NAMES.items():
+            def row(measure, optimised, a, b, ci=(float("nan"), float("nan"))):
+                rows.append({"run": run, "sft counterpart": sft, "split": name, "measure": measure,
+                             "optimised by DPO": optimised, "sft": a, "dpo": b, "difference": b - a,
+                             "ci_lo": ci[0], "ci_hi": ci[1]})
+
+            for region in SCORED:
+                d = green_diff.loc[(name, GREEN_COLUMNS[region])]
+                row(f"GREEN {GREEN_COLUMNS[region]}", True, means[(sft, split, region)], means[(run, split, region)],
+                    (d.ci_lo, d.ci_hi))
+            whole = nlg[(nlg.split == split) & (nlg.region == REPORT)].set_index("system")
+            for metric in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+                row(f"{metric} (whole report)", False, whole.at[sft, metric], whole.at[run, metric])
+            if clinical_diff is not None:
+                for metric in clinical.COLUMNS:
+                    d = clinical_diff.loc[(name, metric)]
+                    row(metric, False, clinical_table.at[(sft, name), metric], clinical_table.at[(run, name), metric],
+                        (d.ci_lo, d.ci_hi))
+            for measure in ("mean words", "distinct reports"):
+                row(measure, False, lengths.at[(sft, name), measure], lengths.at[(run, name), measure])
+    return pd.DataFrame(rows, columns=["run", "sft counterpart", "split", "measure", "optimised by DPO", "sft", "dpo",
+                                       "difference", "ci_lo", "ci_hi"])
+
+
+def preference_in_words(comparison, counterparts: dict) -> str:
+    """One paragraph per preference run: its GREEN gain and what moved with it, or why it has no comparison."""
+    parts = [f"{run}: no SFT counterpart among the compared runs (train the same settings with PRESET "
+             f"'two_stage' and compare both)" for run, sft in counterparts.items() if sft is None]
+    for (run, sft, split), part in comparison.groupby(["run", "sft counterpart", "split"], sort=False):
+        by = part.set_index("measure")
+
+        def say(measure):
+            r = by.loc[measure]
+            interval = "" if pd.isna(r.ci_lo) else f" [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}]"
+            return f"{measure} {r.sft:.3f} -> {r.dpo:.3f} ({r.difference:+.3f}{interval})"
+
+        parts.append(f"{run} vs {sft}, {split}: optimised: {say('GREEN Whole report')}; not optimised: "
+                     + "; ".join(say(m) for m in ("BLEU-4 (whole report)", "CIDEr (whole report)", "mean words",
+                                                  "distinct reports")))
+    return "\n".join(parts) or "no run with a preference stage among the compared runs"
+
+
+def write_preference_outputs(comparison, lengths, artifacts) -> list:
+    files = {artifacts.compare_dir / "report_lengths.csv": lengths.to_csv(),
+             artifacts.compare_dir / "preference_vs_sft.csv": comparison.to_csv(index=False)}
+    for path, text in files.items():
+        atomic_write_text(path, text)
+    return list(files)

@@ -91,6 +91,25 @@ def generate_batch(model, processor, views: list[list], ids: list[str], *, max_n
     return records
 
 
+def sample_batch(model, processor, views: list[list], *, n: int, temperature: float, max_new_tokens: int,
+                 seed: int) -> list[list[dict]]:
+    """`n` reports per study by temperature sampling (the preference stage's candidates; evaluation stays greedy):
+    pure temperature, no top-k or top-p cut, seeded so a batch samples the same reports again."""
+    inputs = generation_inputs(processor, views, model)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                   top_k=0, top_p=1.0, num_return_sequences=n)
+    generated = sequences[:, inputs["input_ids"].shape[1]:].cpu().tolist()  # rows: study 0's n samples, then 1's
+    records = []
+    for token_ids in generated:
+        token_ids = token_ids[:generated_length(model, token_ids)]
+        text = processor.tokenizer.decode(token_ids, skip_special_tokens=True)
+        regions, parsed = parse_report(text)
+        records.append({"text": text, "regions": regions, "parsed": parsed, "n_tokens": len(token_ids)})
+    return [records[i:i + n] for i in range(0, len(records), n)]
+
+
 def generate_split(model, processor, studies, out_path: str | Path, *, max_views: int, batch_size: int = 8,
                    max_new_tokens: int = 256, num_beams: int = 1, repetition_penalty: float = 1.0) -> dict:
     """Generate for every study not yet in `out_path`, appending one batch at a time; returns speed figures.

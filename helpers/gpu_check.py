@@ -185,10 +185,11 @@ def build_llava(workdir: Path, sizes: dict, sample: list[Study]) -> Run:
 
 
 def build_judge(workdir: Path, sizes: dict, sample: list[Study]) -> Path:
-    """The tiny judge of the demo (the dry run's judge), or a Llama-2-7B-shaped one with a tokenizer of its kind."""
+    """The demo's tiny judge widths (the dry run's judge) or a Llama-2-7B-shaped one with a tokenizer of its kind, with
+    random weights: it never stops, so every answer runs to GREEN's budget."""
     widths = {} if sizes["judge"] is None else {"widths": sizes["judge"], **_random_weights()}
     return build_random_judge(workdir / f"judge-{sizes['name']}", tokenizer_corpus(sample),
-                              vocab_size=sizes["judge_tokenizer_vocab"], **widths)
+                              vocab_size=sizes["judge_tokenizer_vocab"], format_steps=0, **widths)
 
 
 def synthetic_studies(workdir: Path, count: int, views: int, sample: list[Study]) -> list[Study]:

@@ -21,7 +21,8 @@ from traitlets.config import Config
 from .commands import parameter_value
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
-DEMO_RUNS = {"demo-two_stage": "two_stage", "demo-qlora": "qlora"}  # two presets, so notebook 04 compares two runs
+# two presets, so notebook 04 compares two runs: the preference stage's run with its SFT counterpart
+DEMO_RUNS = {"demo-two_stage": "two_stage", "demo-two_stage_dpo": "two_stage_dpo"}
 
 
 def chain(runs: dict[str, str]) -> list[tuple[str, dict]]:
@@ -33,7 +34,7 @@ def chain(runs: dict[str, str]) -> list[tuple[str, dict]]:
 
 
 DEMO_STEPS = chain(DEMO_RUNS)
-SMOKE_STEPS = chain(dict(list(DEMO_RUNS.items())[:1]))  # a smoke checks the code path once: two_stage, two stages
+SMOKE_STEPS = chain(dict(list(DEMO_RUNS.items())[1:]))  # a smoke checks the code path once: two_stage_dpo's three stages
 
 
 def declared_parameters(name: str) -> set[str]:

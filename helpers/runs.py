@@ -1,8 +1,9 @@
 """Where every artifact lives: the one owner of the layout under ARTIFACTS_DIR.
 
     regions/        val_regions.json, annotation_with_val.json, cache.jsonl      (notebook 01)
-    models/         tiny-llava/, tiny-green-judge/                              (demo stand-ins)
-    train/<run>/    config.json, metrics.json, loss.png, adapter/, checkpoints/ (notebook 02)
+    models/         tiny-llava/, tiny-green-format-judge/                         (demo stand-ins)
+    train/<run>/    config.json, metrics.json, loss.png, adapter/, checkpoints/ (notebook 02);
+                    two_stage_dpo: candidates.jsonl, preferences.jsonl, preferences_summary.json
     generate/<run>/ predictions_val.jsonl, predictions_test.jsonl, attention/  (notebook 03)
     eval/           green_cache.jsonl, retrieval_neighbors.json                 (notebook 04, shared by runs)
     eval/<run>/     green tables, per-pair judgments, plots/                    (notebook 04)
@@ -57,6 +58,20 @@ class Run:
             raise FileNotFoundError(f"{self.config_path} not found: train run {self.name!r} with notebook 02 "
                                     f"(python -m helpers train) first (or check RUN_NAME)")
         return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    @property
+    def candidates_path(self) -> Path:
+        """The preference stage's candidate reports per study (two_stage_dpo)."""
+        return self.train_dir / "candidates.jsonl"
+
+    @property
+    def preferences_path(self) -> Path:
+        """The preference pairs DPO trains on: id, chosen, rejected, their rewards and lengths."""
+        return self.train_dir / "preferences.jsonl"
+
+    @property
+    def preference_summary_path(self) -> Path:
+        return self.train_dir / "preferences_summary.json"
 
     @property
     def generate_dir(self) -> Path:

@@ -165,22 +165,53 @@ def training_projection(settings, metrics: dict, config: dict) -> dict:
     steps_per_epoch = math.ceil(full["n_train"] / effective_batch)
     stages, steps, seconds = [], 0, 0.0
     for record, smoke_stage, full_stage in zip(metrics["stages"], config["stages"], full["stages"]):
+        # a preference stage trains on pairs, not studies, and first samples and judges candidates
+        pairs = smoke_stage.get("dpo") and record["preference"]["pairs"] - record["preference"]["held-out pairs"]
         # the smoke's samples in the steps this session ran (a resumed stage ran only its last steps)
-        samples = (config["n_train"] * smoke_stage["epochs"]
+        samples = ((pairs or config["n_train"]) * smoke_stage["epochs"]
                    * (record["global_step"] - record["resumed_from_step"]) / record["global_step"])
         per_step = record["seconds"] / samples * effective_batch
-        stage_steps = full_stage["epochs"] * steps_per_epoch
-        stages.append({"stage": full_stage["name"], "epochs": full_stage["epochs"], "optimizer steps": stage_steps,
-                       "seconds per optimizer step (measured)": round(per_step, 3),
-                       "smoke seconds": record["seconds"], "smoke samples": samples})
-        steps, seconds = steps + stage_steps, seconds + stage_steps * per_step
+        units = full["n_train"] if not pairs else _full_pairs(record["preference"], config, full)
+        stage_steps = full_stage["epochs"] * math.ceil(units / effective_batch)
+        stage = {"stage": full_stage["name"], "epochs": full_stage["epochs"], "optimizer steps": stage_steps,
+                 "seconds per optimizer step (measured)": round(per_step, 3),
+                 "smoke seconds": record["seconds"], "smoke samples": samples}
+        stage_seconds = stage_steps * per_step
+        if pairs:
+            stage["preference phases"] = _preference_phases(record["preference"], config, full)
+            stage_seconds += sum(part["seconds"] for part in stage["preference phases"].values())
+        stages.append(stage)
+        steps, seconds = steps + stage_steps, seconds + stage_seconds
     return projection("the full training (notebook 02)", settings, unit="optimizer step", seconds_per_unit=seconds / steps,
                       units=steps, inputs={"studies to train on": full["n_train"], "held out": full["n_holdout"],
                                            "batch x accumulation x processes": effective_batch,
                                            "optimizer steps per epoch": steps_per_epoch, "stages": stages},
                       leaves_out="loading the model and the held-out check after each stage (up to 32 studies "
                                  "generated: see generate's seconds per study); the smoke's time includes an "
-                                 "evaluation and a checkpoint every 2 steps, the full run's every save_steps")
+                                 "evaluation and a checkpoint every 2 steps, the full run's every save_steps; a "
+                                 "preference stage's sampling and judging are in its seconds, not in its steps")
+
+
+def _preference_studies(config: dict, full: dict) -> int:
+    """The full run's studies that get candidates: DPO_STUDIES of those trained on (all: None), and the held-out."""
+    chosen = config["preference"]["studies"]
+    return min(chosen, full["n_train"]) if chosen else full["n_train"]
+
+
+def _full_pairs(summary: dict, config: dict, full: dict) -> float:
+    """The full run's training pairs at the smoke's rate of pairs per study."""
+    return _preference_studies(config, full) * summary["pairs"] / summary["studies"]
+
+
+def _preference_phases(summary: dict, config: dict, full: dict) -> dict:
+    """The preference stage's sampling and judging in the full run: the smoke's seconds per study sampled and per
+    judged region pair (0 when this session found them done) x the full run's studies and pairs."""
+    studies = _preference_studies(config, full) + full["n_holdout"]
+    judged = studies * summary["region pairs judged"] / summary["studies"]
+    return {"sampling": {"studies": studies, "seconds per study (measured)": summary["seconds per study sampled"],
+                         "seconds": studies * (summary["seconds per study sampled"] or 0)},
+            "judging": {"region pairs": round(judged), "seconds per pair (measured)": summary["seconds per judged pair"],
+                        "seconds": judged * (summary["seconds per judged pair"] or 0)}}
 
 
 def generation_projection(settings, speed: dict[str, dict], full: dict[str, list]) -> dict | None:

@@ -47,6 +47,21 @@ def build_dataset(studies, max_views: int):
     return Dataset.from_list(rows).with_transform(_open_views)
 
 
+def preference_dataset(pairs: list[dict], studies_by_id: dict, max_views: int):
+    """TRL's vision preference rows: the training prompt (the shared user turn) with the study's views, the chosen and
+    the rejected report as assistant turns; views decoded when a row is read, as in `build_dataset`."""
+    def reply(text):
+        return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+    rows = []
+    for pair in pairs:
+        study = studies_by_id[pair["id"]]
+        rows.append({"prompt": [user_message(len(study.image_paths[:max_views]))], "chosen": reply(pair["chosen"]),
+                     "rejected": reply(pair["rejected"]),
+                     "images": [{"path": str(p), "study": study.id} for p in study.image_paths[:max_views]]})
+    return Dataset.from_list(rows).with_transform(_open_views)
+
+
 def _open_views(batch: dict) -> dict:
     return {**batch, "images": [[open_image(v["path"], v["study"]) for v in views] for views in batch["images"]]}
 

@@ -18,17 +18,21 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, se
 from peft.utils import load_peft_weights
 from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from .data import study_images
-from .generation import default_max_new_tokens, generate_batch
+from . import preference
+from .generation import default_max_new_tokens, generate_batch, sample_batch
 from .metrics import nlg_metrics
 from .modeling import load_model_and_processor, model_config as mode_config, training_chat_template, vision_layers_used
 from .reports import INSTRUCTION, whole_report
 from .settings import get_secret, peak_gpu_memory_gb, processes, torch_dtype
-from .storage import atomic_write_json, free_gpu_memory, open_store, run_sharded
-from .train_data import build_dataset
+from .storage import atomic_write_json, free_gpu_memory, open_store, run_sharded, sha256
+from .train_data import build_dataset, preference_dataset
 
+# trl 1.16's DPOTrainer calls transformers' deprecated checkpointing names each step: nothing a user can change
+warnings.filterwarnings("ignore", r"`(is_gradient_checkpointing|gradient_checkpointing_(en|dis)able)` is deprecated",
+                        FutureWarning)
 WARN_ABOVE = 0.8  # of the GPU's memory: what the estimate leaves out (CUDA context, allocator slack) is not small
 HOLDOUT_NLG_STUDIES = 32  # held-out studies generated after each stage for `holdout_nlg`: a cheap check, not a test
 # PEFT full-matches these against module paths such as "model.language_model.layers.0.self_attn.q_proj".
@@ -46,14 +50,18 @@ def vision_targets(layers: int) -> str:
     return rf"model\.vision_tower\..*\.layers\.({indices})\..*\.(q_proj|k_proj|v_proj|out_proj)"
 
 
-def _stage(name, epochs, lr, vision_lora, projector, llm_lora):
+def _stage(name, epochs, lr, vision_lora, projector, llm_lora, **kind):
     return {"name": name, "epochs": epochs, "lr": lr, "vision_lora": vision_lora, "projector": projector,
-            "llm_lora": llm_lora}
+            "llm_lora": llm_lora, **kind}
 
 
-# Each stage gets a new trainer, hence a fresh optimizer and scheduler. epochs=None: what the others leave of EPOCHS.
+# Each stage gets a new trainer, hence a fresh optimizer and scheduler. epochs=None: what the other SFT stages leave
+# of EPOCHS. The preference stage (dpo=True) trains stage 2's parts for its own epoch, outside EPOCHS, at a DPO
+# learning rate for LoRA (TRL's 1e-6 default is for full fine-tuning).
+_TWO_STAGE = [_stage("frozen_vision", 1, 2e-4, False, True, True), _stage("vision_lora", None, 1e-4, True, True, True)]
 PRESETS = {
-    "two_stage": [_stage("frozen_vision", 1, 2e-4, False, True, True), _stage("vision_lora", None, 1e-4, True, True, True)],
+    "two_stage": _TWO_STAGE,
+    "two_stage_dpo": [*_TWO_STAGE, _stage("preference", 1, 5e-6, True, True, True, dpo=True)],
     "qlora": [_stage("llm_lora", None, 2e-4, False, True, True)],
     "r2gengpt_shallow": [_stage("projector", None, 1e-4, False, True, False)],
     "r2gengpt_delta": [_stage("projector_vision_lora", None, 1e-4, True, True, False)],
@@ -64,13 +72,23 @@ def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
     if preset not in PRESETS:
         raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESETS)}")
     stages = [{**s, "lr": s["lr"] * lr_scale} for s in PRESETS[preset]]
-    rest = epochs - sum(s["epochs"] for s in stages if s["epochs"] is not None)
+    rest = epochs - sum(s["epochs"] for s in stages if s["epochs"] is not None and not s.get("dpo"))
     for stage in stages:
         if stage["epochs"] is None:
             stage["epochs"] = rest
     if any(s["epochs"] < 1 for s in stages):
         raise ValueError(f"preset {preset!r} needs more than {epochs} epoch(s): stages {stages}")
     return stages
+
+
+def preference_inputs(settings, artifacts, preset: str, *, candidates: int, studies: int | None, beta: float,
+                      judge_model_id: str | None = None) -> tuple:
+    """(config.json's "preference", the GREEN judge) for a preset with a preference stage, else (None, None); the
+    judge (notebook 04's, its cache and precision; demo: the tiny one) loads only when a pair is not cached."""
+    if not any(stage.get("dpo") for stage in PRESETS.get(preset, ())):
+        return None, None
+    judge = preference.make_judge(settings, artifacts, judge_model_id)
+    return preference.preference_settings(candidates=candidates, studies=studies, beta=beta, judge=judge.label), judge
 
 
 def default_run_name(model_id: str, preset: str) -> str:
@@ -81,14 +99,19 @@ def default_run_name(model_id: str, preset: str) -> str:
 def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_stage", epochs: int | None = None,
                 max_views: int = 3, visual_tokens: str | None = None, load_in_4bit: bool | None = None,
                 lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, stages: list[dict] | None = None,
-                seed: int = 0, **extra) -> dict:
+                preference: dict | None = None, seed: int = 0, **extra) -> dict:
     """Every setting of a run, JSON-ready: written to config.json and read back by notebooks 03 and 04.
 
     `settings` (helpers.setup) gives the profile's values; None arguments take them. Under `torchrun` / `accelerate
     launch` the gradient accumulation is divided among the processes. `stages` replaces the preset's
-    stages (same keys as PRESETS); `extra` adds settings (e.g. token stats) or overrides the profile's (save_steps).
+    stages (same keys as PRESETS); `preference` (`preference.preference_settings`) is required by a preset with a
+    preference stage; `extra` adds settings (e.g. token stats) or overrides the profile's (save_steps).
     """
     epochs = epochs or settings.epochs
+    stages = stages or resolve_stages(preset, epochs, settings.lr_scale)
+    if any(s.get("dpo") for s in stages) != (preference is not None):
+        raise ValueError(f"preset {preset!r}: preference settings (preference.preference_settings) go with a "
+                         f"preference stage, and only with one")
     n_processes = processes().num_processes
     model_config = AutoConfig.from_pretrained(model_id, token=get_secret("HF_TOKEN"))
     config = {"model_id": str(model_id), "profile": settings.profile, "preset": preset,
@@ -101,10 +124,11 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
               "grad_accum": max(1, round(settings.grad_accum / n_processes)), "processes": n_processes,
               "epochs": epochs, "save_steps": settings.save_steps,
               "save_total_limit": 2, "logging_steps": settings.logging_steps,
-              "stages": stages or resolve_stages(preset, epochs, settings.lr_scale), "max_views": max_views,
+              "stages": stages, "max_views": max_views,
               "max_length": max_length, "instruction": INSTRUCTION,
               "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout},
-              "vision_lora_layers": vision_layers_used(model_config), "seed": seed, **extra}
+              "vision_lora_layers": vision_layers_used(model_config), "seed": seed,
+              **({"preference": preference} if preference else {}), **extra}
     config = json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
     check_memory(config, model_config, settings.gpu_memory_gb)
     return config
@@ -114,7 +138,8 @@ def memory_estimate_gib(config: dict, model_config) -> dict:
     """A computed estimate, by part, of one training step's peak GPU memory (GiB) for the longest study (`max_length`
     tokens) at the run's batch size; never measured (make gpu-check measures). The model is built on the meta device
     to count its parameters. Activation checkpointing keeps each layer's input (2 bytes per value); one layer is
-    recomputed at a time; the logits and their gradient are fp32; the image tokens also pass the vision tower.
+    recomputed at a time; the logits and their gradient are fp32; the image tokens also pass the vision tower. A
+    preference stage's batch is its pairs' chosen and rejected sequences (its reference pass keeps no activations).
     """
     base = mode_config(model_config, config["visual_tokens"])
     with torch.device("meta"):
@@ -127,7 +152,9 @@ def memory_estimate_gib(config: dict, model_config) -> dict:
     lora = sum(config["lora"]["r"] * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, name))
     projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    tokens = config["batch_size"] * (config.get("max_length") or 0)
+    preference = any(s.get("dpo") for s in config["stages"])
+    sequences = max(config["batch_size"], 2 * dpo_batch(config)[0] if preference else 0)
+    tokens = sequences * (config.get("max_length") or 0)  # a DPO batch holds each pair's chosen and rejected
     gib = 2 ** 30
     return {
         # nf4 is half a byte per weight plus ~3% of block constants; prepare_model_for_kbit_training upcasts the
@@ -209,21 +236,45 @@ def load_training_model(config: dict):
     return get_peft_model(model, lora_config(config)), processor
 
 
-def sft_config(config: dict, stage: dict, output_dir) -> SFTConfig:
-    """TRL's settings for one stage: its epochs and learning rate, the run's precision, batch and model selection."""
-    return SFTConfig(
+def _trainer_arguments(config: dict, stage: dict, output_dir, batch_size: int, grad_accum: int,
+                       select: bool = True) -> dict:
+    """What every stage's trainer shares: epochs and learning rate, the run's precision, checkpoints, model selection
+    on the held-out loss (`select` False: no held-out data, the last weights)."""
+    return dict(
         output_dir=str(output_dir), num_train_epochs=stage["epochs"], learning_rate=stage["lr"],
         lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0,
-        per_device_train_batch_size=config["batch_size"], per_device_eval_batch_size=config["batch_size"],
-        gradient_accumulation_steps=config["grad_accum"],
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
         fp16=config["precision"] == "fp16", bf16=config["precision"] == "bf16", use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
-        assistant_only_loss=True, max_length=config["max_length"],
-        eval_strategy="steps", eval_steps=config["save_steps"], save_strategy="steps", save_steps=config["save_steps"],
+        eval_strategy="steps" if select else "no", eval_steps=config["save_steps"], save_strategy="steps",
+        save_steps=config["save_steps"],
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (vision_targets): no extra pass
-        save_total_limit=config["save_total_limit"], load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        save_total_limit=config["save_total_limit"], load_best_model_at_end=select, metric_for_best_model="eval_loss",
         greater_is_better=False, logging_steps=config["logging_steps"], report_to="none", seed=config["seed"],
-        dataloader_num_workers=0)
+        # progress bars, not printed log dicts, whatever an import did to transformers' log level (green_score.green
+        # sets it to ERROR on import, and disable_tqdm's default follows it)
+        disable_tqdm=False, dataloader_num_workers=0)
+
+
+def sft_config(config: dict, stage: dict, output_dir) -> SFTConfig:
+    """TRL's settings for one SFT stage: the loss on the report tokens, no truncation of the longest study."""
+    return SFTConfig(**_trainer_arguments(config, stage, output_dir, config["batch_size"], config["grad_accum"]),
+                     assistant_only_loss=True, max_length=config["max_length"])
+
+
+def dpo_batch(config: dict) -> tuple[int, int]:
+    """(pairs per device, accumulation) of the preference stage: two sequences per pair, so half the SFT batch per
+    step (at least one pair) and as many pairs per optimizer step as the SFT stages have studies."""
+    pairs = max(1, config["batch_size"] // 2)
+    return pairs, max(1, round(config["batch_size"] * config["grad_accum"] / pairs))
+
+
+def dpo_config(config: dict, stage: dict, output_dir, select: bool = True) -> DPOConfig:
+    """TRL's settings for the preference stage: sigmoid DPO at the run's beta, held-out preference loss selecting;
+    no truncation (a VLM prompt's image tokens must all stay)."""
+    return DPOConfig(**_trainer_arguments(config, stage, output_dir, *dpo_batch(config), select=select),
+                     beta=config["preference"]["beta"], max_length=None)
 
 
 def method_table(config: dict, run) -> list[dict]:
@@ -231,21 +282,32 @@ def method_table(config: dict, run) -> list[dict]:
     lora = lora_config(config)
     rows = []
     for stage, stage_dir in zip(config["stages"], _stage_dirs(run, config)):
-        args = sft_config(config, stage, stage_dir)
+        args = (dpo_config if stage.get("dpo") else sft_config)(config, stage, stage_dir)
         rows.append({"stage": stage["name"], "epochs": args.num_train_epochs, "learning rate": args.learning_rate,
                      "schedule": str(args.lr_scheduler_type.value), "precision": config["precision"],
                      "4-bit base": config["load_in_4bit"], "batch x accumulation":
                      f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps}",
                      "trains": ", ".join(part for part in ("llm_lora", "vision_lora", "projector") if stage[part]),
                      "LoRA r / alpha / dropout": f"{lora.r} / {lora.lora_alpha} / {lora.lora_dropout}",
-                     "loss": "report tokens only" if args.assistant_only_loss else "all tokens",
-                     "selection": f"best {args.metric_for_best_model}, every {args.eval_steps} steps"})
+                     "loss": (f"DPO ({', '.join(args.loss_type)}, beta {args.beta}) against the stage-2 adapter"
+                              if stage.get("dpo") else "report tokens only"),
+                     "selection": f"best {args.metric_for_best_model}, every {args.eval_steps} steps"
+                                  + (" (held-out preference loss)" if stage.get("dpo") else "")})
     return rows
 
 
 def make_trainer(model, processor, config: dict, stage: dict, output_dir, train_dataset, eval_dataset, callbacks=()):
-    """A new SFTTrainer for one stage; TRL collates (images, chat template, assistant-only labels)."""
+    """A new trainer for one stage; TRL collates (images, chat template, assistant-only labels or preference pairs).
+
+    The preference stage's DPOTrainer is given the PEFT model holding the stage-2 weights and no reference model: it
+    then copies the adapter into a second, frozen PEFT adapter named "ref" and computes the reference log-probabilities
+    through it (trl 1.16, DPOTrainer.__init__ and _compute_loss), so the reference is exactly the stage-2 model.
+    """
     with trainable_in_fp32(model):
+        if stage.get("dpo"):
+            args = dpo_config(config, stage, output_dir, select=eval_dataset is not None)
+            return DPOTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                              processing_class=processor, callbacks=list(callbacks))
         return SFTTrainer(model=model, args=sft_config(config, stage, output_dir), train_dataset=train_dataset,
                           eval_dataset=eval_dataset, processing_class=processor, callbacks=list(callbacks))
 
@@ -254,7 +316,7 @@ def make_trainer(model, processor, config: dict, stage: dict, output_dir, train_
 def trainable_in_fp32(model):
     """Every trainable parameter is fp32 after the block, in every precision, 4-bit or not.
 
-    SFTTrainer casts a quantized model's trainable parameters to bf16 (trl 1.16, sft_trainer.py), but the CUDA
+    SFTTrainer and DPOTrainer cast a quantized model's trainable parameters to bf16 (trl 1.16), but the CUDA
     GradScaler that fp16 training uses cannot unscale bf16 gradients ("_amp_foreach_non_finite_check_and_unscale_cuda"
     not implemented for 'BFloat16'), and under autocast 16-bit master weights buy nothing. The tensors from before
     the block are put back, so weights trained in an earlier stage are not rounded through bf16 on the way.
@@ -326,15 +388,18 @@ def _stage_dirs(run, config: dict) -> list[Path]:
     return [run.checkpoints_dir / f"{i + 1}_{s['name']}" for i, s in enumerate(config["stages"])]
 
 
-def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> dict:
+def train(run, config: dict, train_studies, holdout_studies, callbacks=(), judge=None) -> dict:
     """Run (or resume) every stage of `run` (a `runs.Run`); returns the metrics also written to metrics.json.
 
     A finished stage is skipped; an unfinished one resumes from its last checkpoint (step count continues).
+    A preference stage first makes its pairs (`make_preference_pairs`, with `judge`: `preference.make_judge`).
     Under `torchrun` / `accelerate launch` every process runs this (the Trainer's DDP); only the main process writes
     config.json, the stage records, the adapter and the metrics, and the others wait for it before reading them.
     """
     state = processes()
     config = {**config, "holdout_ids": sorted(s.id for s in holdout_studies), "n_train": len(train_studies)}
+    if "preference" in config and judge is None:
+        raise ValueError(f"preset {config['preset']!r} has a preference stage: pass judge=preference.make_judge(...)")
     with state.main_process_first():  # the main process writes config.json; the others then compare theirs with it
         _check_config(run, config)
     if run.metrics_path.is_file() and run.trained:
@@ -353,8 +418,19 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> di
             print(f"stage {index + 1} ({stage['name']}): done earlier, skipped")
             record = json.loads(done.read_text(encoding="utf-8"))
         else:
-            record = _train_stage(model, processor, config, index, stage_dirs, train_dataset, holdout_dataset,
-                                  callbacks)
+            datasets = train_dataset, holdout_dataset
+            if stage.get("dpo"):
+                if not run.preferences_path.is_file():  # the phases one model at a time: candidates, judge, DPO
+                    sampling = generate_candidates(model, processor, config, stage_dirs[index - 1] / "final", run,
+                                                   preference_studies(config, train_studies, holdout_studies))
+                    del model, processor
+                    free_gpu_memory()
+                    make_preference_pairs(run, config, train_studies, holdout_studies, judge, sampling)
+                    model, processor = load_training_model(config)
+                datasets = preference_datasets(run, config, train_studies + holdout_studies)
+            record = _train_stage(model, processor, config, index, stage_dirs, *datasets, callbacks)
+            if stage.get("dpo"):
+                record["preference"] = json.loads(run.preference_summary_path.read_text(encoding="utf-8"))
             if state.is_main_process:  # the weights and the record first: the held-out check is a diagnostic
                 atomic_write_json(done, record)
             state.wait_for_everyone()  # the next stage and the check read this stage's final weights
@@ -371,6 +447,81 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=()) -> di
         atomic_write_json(run.metrics_path, metrics)
     state.wait_for_everyone()
     return metrics
+
+
+def preference_studies(config: dict, train_studies, holdout_studies) -> list:
+    """The studies the preference stage samples candidates for: the first `studies` to train on (all: None) and every
+    held-out one (their pairs give the held-out preference loss)."""
+    return [*train_studies[:config["preference"]["studies"]], *holdout_studies]
+
+
+def generate_candidates(model, processor, config: dict, weights_dir: Path, run, studies) -> dict:
+    """Per study, the greedy report and `candidates` sampled ones of the weights in `weights_dir` (stage 2's), into
+    the run's candidates.jsonl through the batch runner (resumable), under the training autocast; returns the
+    runner's counts and seconds."""
+    settings = config["preference"]
+    set_peft_model_state_dict(model, load_peft_weights(str(weights_dir)))
+    model.eval()
+    max_new_tokens = default_max_new_tokens(config)
+
+    def generate(batch):
+        views, ids = [study_images(s, config["max_views"]) for s in batch], [s.id for s in batch]
+        with mixed_precision(config):
+            greedy = generate_batch(model, processor, views, ids, max_new_tokens=max_new_tokens)
+            sampled = sample_batch(model, processor, views, n=settings["candidates"],
+                                   temperature=settings["temperature"], max_new_tokens=max_new_tokens,
+                                   seed=int(sha256(str(config["seed"]), *ids)[:8], 16))
+        keep = ("text", "regions", "parsed", "n_tokens")
+        return [{"id": i, "candidates": [{**{k: g[k] for k in keep}, "sampled": False},
+                                         *({**c, "sampled": True} for c in samples)]}
+                for i, g, samples in zip(ids, greedy, sampled)]
+
+    # each study's batch row expands to 1 + `candidates` sequences
+    _, counts = run_sharded(open_store(run.candidates_path, key_field="id"), studies, lambda s: s.id, generate,
+                            batch_size=max(1, config["generate_batch_size"] // (1 + settings["candidates"])),
+                            desc="preference candidates", unit="study")
+    free_gpu_memory()
+    return counts
+
+
+def make_preference_pairs(run, config: dict, train_studies, holdout_studies, judge, sampling: dict) -> None:
+    """The candidates' GREEN rewards (`preference.candidate_rewards`), then one pair per study where they differ
+    enough: preferences_summary.json (counts, lengths, this session's seconds per unit, for the smoke's projection),
+    then preferences.jsonl, whose presence marks the phase done."""
+    state = processes()
+    studies = preference_studies(config, train_studies, holdout_studies)
+    store = open_store(run.candidates_path, key_field="id")
+    candidates = {s.id: store.get(s.id) for s in studies}
+    cached, start = len(judge.store.records), time.time()
+    rewards = preference.candidate_rewards(studies, candidates, judge)
+    judged, judge_seconds = len(judge.store.records) - cached, time.time() - start
+    judge.release()  # the training model loads next
+    pairs, counts = preference.preference_pairs(studies, candidates, rewards, config["preference"],
+                                                {s.id for s in holdout_studies})
+    summary = {**counts, "lengths": preference.length_summary(pairs),
+               "seconds per study sampled": (round(sampling["seconds"] / sampling["done_now"], 3)
+                                             if sampling["done_now"] else None),  # None: all sampled earlier
+               "region pairs judged": judged, "seconds per judged pair": round(judge_seconds / judged, 3) if judged else None}
+    print(f"preference pairs: {json.dumps(summary)}")
+    if state.is_main_process:
+        atomic_write_json(run.preference_summary_path, summary)
+        preference.write_pairs(run.preferences_path, pairs)
+    state.wait_for_everyone()
+
+
+def preference_datasets(run, config: dict, studies) -> tuple:
+    """(train, held-out) DPO datasets from preferences.jsonl; held-out None when no held-out study gave a pair
+    (then the stage keeps its last weights)."""
+    pairs, by_id = preference.read_pairs(run.preferences_path), {s.id: s for s in studies}
+    train_pairs, held_pairs = [p for p in pairs if not p["held_out"]], [p for p in pairs if p["held_out"]]
+    if not train_pairs:
+        raise ValueError(f"{run.preferences_path}: no preference pair to train on "
+                         f"({run.preference_summary_path.read_text(encoding='utf-8').strip()}): more DPO_STUDIES or "
+                         f"DPO_CANDIDATES, under a new RUN_NAME, give rewards more chances to differ")
+    if not held_pairs:
+        print("WARNING: no held-out study gave a preference pair: the preference stage keeps its last weights")
+    return (preference_dataset(train_pairs, by_id, config["max_views"]),
+            preference_dataset(held_pairs, by_id, config["max_views"]) if held_pairs else None)
 
 
 def _train_stage(model, processor, config: dict, index: int, stage_dirs: list[Path], train_dataset, holdout_dataset,
@@ -396,6 +547,8 @@ def _train_stage(model, processor, config: dict, index: int, stage_dirs: list[Pa
     trainer.save_model(str(stage_dir / "final"))  # by the main process only (the Trainer's `should_save`)
     record = _stage_record(index, stage, counts, trainer.state, resumed_from, seconds, config,
                            processes().num_processes)
+    if "ref" in model.peft_config:  # DPOTrainer's frozen copy of the stage-2 adapter: not part of the run's adapter
+        model.delete_adapter("ref")
     trainer.accelerator.free_memory()  # the optimizer state and gradients go before anything generates
     del trainer
     free_gpu_memory()
@@ -412,4 +565,9 @@ def _stage_record(index: int, stage: dict, counts: dict, trainer_state, resumed_
             "best_eval_loss": trainer_state.best_metric,
             "best_checkpoint": trainer_state.best_model_checkpoint and Path(trainer_state.best_model_checkpoint).name,
             "loss": [[h["step"], h["loss"]] for h in trainer_state.log_history if "loss" in h],
-            "eval_loss": [[h["step"], h["eval_loss"]] for h in trainer_state.log_history if "eval_loss" in h]}
+            "eval_loss": [[h["step"], h["eval_loss"]] for h in trainer_state.log_history if "eval_loss" in h],
+            # DPO's held-out reward accuracy (chosen above rejected) and margin, when the stage is one
+            **{name: [[h["step"], h[f"eval_rewards/{key}"]] for h in trainer_state.log_history
+                      if f"eval_rewards/{key}" in h]
+               for name, key in (("eval_reward_accuracy", "accuracies"), ("eval_reward_margin", "margins"))
+               if stage.get("dpo")}}

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from helpers import commands, modeling, reports, runs, smoke
+from helpers import commands, demo_models, modeling, reports, runs, smoke
 from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 
 # what a quiet start leaves out of the executed notebooks: tqdm without widgets, the kernel's plain-TCP warning,
@@ -48,13 +48,15 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir):
         table = pd.read_csv(run.eval_dir / "green_table.csv", index_col=0)
         assert list(table.index) == ["Validation", "Testing"]
         assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report", "judge"]
-        assert table.judge.str.endswith("tiny-green-judge (fp32)").all()  # its id and precision beside the scores
+        assert table.judge.str.endswith(f"{demo_models.DEMO_JUDGE_DIR} (fp32)").all()  # its id and precision beside the scores
+        assert table.drop(columns="judge").notna().all().all()  # the demo judge writes GREEN's format: numbers
     compare = pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1])
     assert set(compare.index.get_level_values(0)) == {*DEMO_RUNS, "template", "retrieval"}
-    assert set(pd.read_csv(artifacts.compare_dir / "green_diff.csv").run) == {"demo-qlora"}
+    assert set(pd.read_csv(artifacts.compare_dir / "green_diff.csv").run) == {"demo-two_stage_dpo"}
     nlg = pd.read_csv(artifacts.compare_dir / "nlg.csv")
     assert len(nlg) == 4 * 2 * 5 and nlg["BLEU-1"].notna().any()  # systems x splits x (regions + whole report)
     check_clinical(artifacts.compare_dir)
+    check_preference(artifacts)
     check_smoke_chain(tmp_path, mode)  # the smoke chain beside the real runs, into the same folder
 
 
@@ -91,9 +93,30 @@ def check_clinical(compare_dir):
         assert table[column].notna().all() and {f"{column} lo", f"{column} hi"} <= set(table.columns)
     assert (table.Checkpoints == "random stand-ins: meaningless").all()
     diff = pd.read_csv(compare_dir / "clinical_diff.csv")
-    assert set(diff.run) == {"demo-qlora"} and set(diff.reference) == {"demo-two_stage"}
+    assert set(diff.run) == {"demo-two_stage_dpo"} and set(diff.reference) == {"demo-two_stage"}
     assert (compare_dir / "rexrank_iu_xray.csv").read_text().startswith("# Comparable with ReXrank")
     assert (compare_dir / "plots" / "clinical.png").stat().st_size > 0
+
+
+def check_preference(artifacts):
+    """The two_stage_dpo run trained on at least one pair, and notebook 04 set it against its SFT counterpart by
+    what it optimises and what it does not, length and distinct reports included."""
+    run = artifacts.run("demo-two_stage_dpo")
+    pairs = [json.loads(line) for line in run.preferences_path.read_text().splitlines()]
+    assert pairs and all(p["chosen_reward"] - p["rejected_reward"] >= run.config["preference"]["min_gap"]
+                         for p in pairs)
+    stage = json.loads(run.metrics_path.read_text())["stages"][-1]
+    assert stage["name"] == "preference" and stage["preference"]["pairs"] == len(pairs) and stage["global_step"] >= 1
+    comparison = pd.read_csv(artifacts.compare_dir / "preference_vs_sft.csv")
+    assert set(comparison.run) == {run.name} and set(comparison["sft counterpart"]) == {"demo-two_stage"}
+    measures = set(comparison.measure)
+    assert {"GREEN Whole report", "CIDEr (whole report)", "CheXbert F1 micro-14", "mean words",
+            "distinct reports"} <= measures
+    assert comparison[comparison.measure.str.startswith("GREEN")]["optimised by DPO"].all()
+    assert not comparison[~comparison.measure.str.startswith("GREEN")]["optimised by DPO"].any()
+    lengths = pd.read_csv(artifacts.compare_dir / "report_lengths.csv", index_col=[0, 1])
+    assert set(lengths.index.get_level_values(0)) == {*DEMO_RUNS, "template", "retrieval"}
+    assert lengths.loc[("template", "Testing"), "distinct reports"] == 1  # one fixed report
 
 
 def file_digests(root):
@@ -110,7 +133,7 @@ def check_smoke_chain(root, mode):
     check_executed(root / "executed")
     after = file_digests(root)
     assert {path: after.get(path) for path in before} == before  # the real runs' files, byte for byte
-    run = smoke.Artifacts(root, True).run("demo-two_stage-smoke")
+    run = smoke.Artifacts(root, True).run("demo-two_stage_dpo-smoke")
     smoke_dirs = [root / "regions" / "smoke", root / "eval" / "smoke", run.train_dir, run.generate_dir, run.eval_dir]
     assert all(any((root / path).is_relative_to(d) for d in smoke_dirs) for path in set(after) - set(before))
     for folder in (root / "regions" / "smoke", run.train_dir, run.generate_dir, run.eval_dir):
@@ -119,6 +142,8 @@ def check_smoke_chain(root, mode):
     config = run.config
     assert config["n_train"] == 6 and len(config["holdout_ids"]) == 2 and config["full_run"]["n_train"] == 14
     assert all("holdout_nlg" in stage for stage in json.loads(run.metrics_path.read_text())["stages"])
+    preference_stage = json.loads((run.train_dir / "projection.json").read_text())["inputs"]["stages"][-1]
+    assert set(preference_stage["preference phases"]) == {"sampling", "judging"}
     assert [len(run.predictions(split).read_text().splitlines()) for split in ("val", "test")] == [4, 4]
     assert sum(p.name.endswith("_visual_share.png") for p in run.attention_dir.glob("*.png")) == 1
     compare = pd.read_csv(root / "eval" / "smoke" / "compare" / "green_compare.csv", index_col=[0, 1])
@@ -126,7 +151,8 @@ def check_smoke_chain(root, mode):
     # the command builds the notebook's smoke config: the same run, already trained (a different one is refused)
     projection = (run.train_dir / "projection.json").read_bytes()
     assert commands.main(["train", "--smoke", "--profile", "demo", "--artifacts-dir", str(root),
-                          "--run-name", "demo-two_stage", "--visual-tokens", mode]) == 0
+                          "--run-name", "demo-two_stage_dpo", "--preset", "two_stage_dpo",
+                          "--visual-tokens", mode]) == 0
     assert (run.train_dir / "projection.json").read_bytes() == projection
 
 

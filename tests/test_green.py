@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from helpers import baselines, data, demo_models, generation, green, judge, modeling, reports, runs
+from helpers import baselines, data, demo_models, generation, green, judge, modeling, reports, runs, settings
 from helpers.data import REGIONS, Study
 from helpers.demo_models import tokenizer_corpus
 from helpers.storage import JsonlStore
@@ -109,8 +109,55 @@ def test_protocol_arithmetic(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory, sample_studies):
+    """The demo's tiny judge, trained on the train split's reports only: val and test reports are unseen."""
     return demo_models.build_random_judge(tmp_path_factory.mktemp("judge") / "tiny-green-judge",
-                                  tokenizer_corpus(sample_studies))
+                                          tokenizer_corpus(data.by_split(sample_studies, "train")))
+
+
+def unseen_pairs(studies) -> list[tuple[str, str]]:
+    """(reference, candidate) pairs the tiny judge was not trained on: the test split's regions, the val split's
+    reports and made-up sentences, each against a few others and against nothing."""
+    texts = [s.regions[r] for s in data.by_split(studies, "test") for r in REGIONS if s.regions[r]]
+    texts += [s.original_report for s in data.by_split(studies, "val")]
+    texts += ["Small right pleural effusion.", "Mild cardiomegaly.", "Left lower lobe atelectasis.",
+              "Lungs are hyperinflated. No pneumothorax."]
+    pairs = [(reference, texts[(i + step) % len(texts)]) for i, reference in enumerate(texts) for step in (0, 1, 5)]
+    return pairs + [(texts[0], ""), ("", texts[1]), ("", "")]
+
+
+def test_green_answer_format_parses_in_few_tokens(tiny_judge):
+    """The answer the tiny judge learns: GREEN's strict check parses it, decoding gives it back exactly, and with
+    its EOS it fits the demo's judge_max_new_tokens."""
+    from green_score.utils import clean_responses
+
+    _, tokenizer = judge.load_judge(str(tiny_judge))
+    answer_text = demo_models.green_answer(1, 3)
+    assert judge.score_response(answer_text) == {"green": 3 / 4, "parsed": True, "matched": 3,
+                                                 "errors": {"a": 1, "b": 0, "c": 0, "d": 0, "e": 0, "f": 0}}
+    prompt = tokenizer(judge.chat_text(tokenizer, "Heart size is normal.", "Mild cardiomegaly."))["input_ids"]
+    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert clean_responses(tokenizer.decode(prompt + answer_ids, skip_special_tokens=True)) == "\n" + answer_text
+    assert len(answer_ids) <= settings.PROFILES["demo"]["judge_max_new_tokens"]
+    assert len(prompt) + len(answer_ids) < judge.GREEN_MAX_LENGTH
+    note = json.loads((tiny_judge / demo_models.BUILT_NOTE).read_text())["note"]
+    assert "GREEN's answer format" in note and "meaningless" in note
+
+
+@pytest.mark.parametrize("precision, load_in_4bit", [("fp32", False), ("fp16", False), ("bf16", False),
+                                                     ("fp16", True)])
+def test_tiny_judge_answers_parse_and_differ_on_unseen_pairs(tmp_path, tiny_judge, sample_studies, precision,
+                                                             load_in_4bit):
+    """Greedy answers of the demo's judge (in its fp32, and as the GPU profiles run it: fp16, bf16, 4-bit) on pairs
+    it never saw: GREEN parses nearly all of them, within the demo's answer budget, and their scores differ between
+    pairs, as a preference stage needs (what they are is meaningless)."""
+    pairs = unseen_pairs(sample_studies)
+    records = judge.Judge(str(tiny_judge), tmp_path / "cache.jsonl", load_in_4bit=load_in_4bit,
+                          dtype=settings.torch_dtype(precision),
+                          max_new_tokens=settings.PROFILES["demo"]["judge_max_new_tokens"]).judge(pairs)
+    scores = [judge.score_response(r["response"]) for r in records]
+    parsed = [s for s, r in zip(scores, records) if s["parsed"] and not r["truncated"]]
+    assert len(parsed) >= 0.9 * len(pairs), [r["response"] for r in records]
+    assert len({s["green"] for s in parsed}) >= 2
 
 
 def test_cache_resume_and_dedupe(tmp_path, tiny_judge, monkeypatch, capsys):
@@ -148,7 +195,8 @@ def test_faithful_to_shipped_green(tmp_path, sample_studies):
 
     # a small vocabulary and long reports make GREEN's prompt ~1,930 tokens, so its fixed 2,048-token budget leaves
     # ~120 tokens to generate (CPU fp16, as GREEN loads its judge, is slow)
-    judge_dir = demo_models.build_random_judge(tmp_path / "judge", tokenizer_corpus(sample_studies), vocab_size=340)
+    judge_dir = demo_models.build_random_judge(tmp_path / "judge", tokenizer_corpus(sample_studies), vocab_size=340,
+                                               format_steps=0)
     shipped = GREEN(str(judge_dir), cpu=True, compute_summary_stats=False)
     shipped.tokenizer.batch_encode_plus = shipped.tokenizer.__call__  # removed in transformers 5
     assert shipped.tokenizer.chat_template == judge.CHAT_TEMPLATE
@@ -233,7 +281,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
                 texts = [(report[r], line["regions"][r]) for r in REGIONS]
                 texts.append((reports.whole_report(report), reports.whole_report(line["regions"])))
                 responses.update({(ref, cand): said if ref else answer(0) for ref, cand in texts})
-    seed_cache(artifacts / "eval" / "green_cache.jsonl", str(artifacts / "models" / "tiny-green-judge"), responses)
+    seed_cache(artifacts / "eval" / "green_cache.jsonl", str(artifacts / "models" / demo_models.DEMO_JUDGE_DIR), responses)
 
     run_notebook("04_green_eval.ipynb", artifacts, profile="demo", CLINICAL=False)  # RadEval: test_demo.py
 
@@ -242,7 +290,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
         out = runs.Artifacts(artifacts).run(run).eval_dir
         table = pd.read_csv(out / "green_table.csv", index_col=0)
         # the judge's id and precision beside the scores (fp32: the demo's tiny judge on the CPU)
-        judge_label = judge.judge_label(str(artifacts / "models" / "tiny-green-judge"))
+        judge_label = judge.judge_label(str(artifacts / "models" / demo_models.DEMO_JUDGE_DIR))
         assert set(table.pop("judge")) == {judge_label}
         assert list(table.index) == ["Validation", "Testing"] and list(table.columns) == columns
         for split, name in runs.SPLIT_NAMES.items():

@@ -1,5 +1,6 @@
-"""Each GPU profile's numerics on the CPU, through the chain: two-stage training (a couple of optimizer steps per
-stage) with its held-out check, generation, attention on one study, the GREEN judge on a few pairs.
+"""Each GPU profile's numerics on the CPU, through the chain: two_stage_dpo training (a couple of optimizer steps per
+SFT stage, then the preference stage: candidates, the GREEN judge's rewards, DPO) with each stage's held-out check,
+generation, attention on one study, the GREEN judge on a few pairs.
 
 `pytest -k profile_emulation` selects these. The GPU is emulated by its settings (`settings.gpu` reports the
 profile's GPU), so every choice the code makes from it is the one it makes on that GPU: 4-bit or 16-bit, the
@@ -10,7 +11,10 @@ import json
 import pytest
 import torch
 
-from helpers import attention, data, demo_models, generation, judge, modeling, runs, settings, train_data, training
+from transformers import TrainerCallback
+
+from helpers import (attention, data, demo_models, generation, judge, modeling, preference, runs, settings, train_data,
+                     training)
 from helpers.settings import torch_dtype
 
 # (name, GiB as torch reports it, compute capability) of a GPU each profile is picked for
@@ -50,34 +54,72 @@ def spy(monkeypatch, module, name, calls):
     monkeypatch.setattr(module, name, recorded)
 
 
-def test_profile_emulation_chain(emulated, tiny_model_dir, sample_studies, tmp_path, monkeypatch):
+class StageArguments(TrainerCallback):
+    """Per stage: the batch per device and the dtypes of the trainable parameters as training starts."""
+
+    def __init__(self):
+        self.stages = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.stages[args.output_dir.rsplit("/", 1)[-1]] = {
+            "batch": args.per_device_train_batch_size, "accumulation": args.gradient_accumulation_steps,
+            "trainable": {p.dtype for p in model.parameters() if p.requires_grad}}
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory, sample_studies):
+    return demo_models.build_random_judge(tmp_path_factory.mktemp("judge") / "tiny-green-judge",
+                                          demo_models.tokenizer_corpus(sample_studies))
+
+
+def emulated_judge(emulated, judge_dir, cache, max_new_tokens):
+    """The demo's judge in the settings' precision and 4-bit choice, at the profile's batch size."""
+    return judge.Judge(str(judge_dir), cache, load_in_4bit=emulated.judge_4bit,
+                       dtype=torch_dtype(emulated.judge_precision), batch_size=emulated.judge_batch_size,
+                       max_new_tokens=max_new_tokens)
+
+
+def test_profile_emulation_chain(emulated, tiny_model_dir, judge_dir, sample_studies, tmp_path, monkeypatch):
     profile = emulated.profile
     print(f"{profile}: {CPU_STANDS_IN[profile]}")
     assert {k: getattr(emulated, k) for k in EXPECTED[profile]} == EXPECTED[profile]
     assert emulated.judge_max_new_tokens == judge.GREEN_MAX_LENGTH
 
-    # two stages of one epoch, 2 optimizer steps each at the profile's batch size; no accumulation, for time (the
-    # effective batch of the profiles: test_training.py)
+    # three stages of one epoch, 2 optimizer steps per SFT stage at the profile's batch size; no accumulation, for
+    # time (the effective batch of the profiles: test_training.py)
     fit, held = train_data.holdout_split(data.by_split(sample_studies, "train"))
     fit = fit[:2 * emulated.batch_size]
-    stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage"]]
-    # target_tokens_max: the held-out check generates up to 1.5x this many tokens (the random model never stops)
+    stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage_dpo"]]
+    demo_answer = settings.PROFILES["demo"]["judge_max_new_tokens"]  # the tiny judge's answers end within it
+    green = emulated_judge(emulated, judge_dir, tmp_path / "rewards_cache.jsonl", demo_answer)
+    # target_tokens_max: generation runs up to 1.5x this many tokens (the random model never stops); min_gap 0: any
+    # two distinct candidates of the barely trained model pair
     config = training.make_config(emulated, model_id=str(tiny_model_dir), max_length=1024, stages=stages,
-                                  save_steps=2, target_tokens_max=6, grad_accum=1)
+                                  save_steps=2, target_tokens_max=6, grad_accum=1,
+                                  preference={**preference.preference_settings(judge=green.label), "min_gap": 0.0})
     assert config["batch_size"] == emulated.batch_size and config["precision"] == EXPECTED[profile]["precision"]
-    holdout_calls = []
-    spy(monkeypatch, training, "generate_batch", holdout_calls)
+    generate_calls, sample_calls, arguments = [], [], StageArguments()
+    spy(monkeypatch, training, "generate_batch", generate_calls)
+    spy(monkeypatch, training, "sample_batch", sample_calls)
     run = runs.Artifacts(tmp_path).run(profile)
-    metrics = training.train(run, config, fit, held)
-    for stage in metrics["stages"]:
+    metrics = training.train(run, config, fit, held, callbacks=[arguments], judge=green)
+    for stage in metrics["stages"][:2]:
         assert stage["global_step"] == 2, stage
+    for stage in metrics["stages"]:
         assert "error" not in stage["holdout_nlg"], stage["holdout_nlg"]
         assert stage["holdout_nlg"]["pairs"] == len(held)
-    # the check ran under the training precision's autocast, at most the profile's generation batch at a time
+    # every stage trains fp32 parameters; the preference stage at half the batch (a pair is two sequences)
+    assert all(a["trainable"] == {torch.float32} for a in arguments.stages.values()), arguments.stages
+    assert arguments.stages["3_preference"]["batch"] == max(1, emulated.batch_size // 2)
+    record = metrics["stages"][2]
+    assert record["global_step"] >= 1 and record["preference"]["pairs"] >= 1
+    # the checks and the candidates ran under the training precision's autocast, within the generation batch
     autocast = config["precision"] != "fp32"
-    assert holdout_calls and all(c["batch"] <= emulated.generate_batch_size for c in holdout_calls)
+    studies_per_batch = max(1, emulated.generate_batch_size // (1 + preference.CANDIDATES))  # 1 + 4 rows each
+    assert sample_calls and all(c["batch"] <= studies_per_batch for c in sample_calls)
+    assert generate_calls and all(c["batch"] <= emulated.generate_batch_size for c in generate_calls)
     assert all(c["autocast"] == autocast and c["autocast_dtype"] == torch_dtype(config["precision"])
-               for c in holdout_calls)
+               for c in generate_calls + sample_calls)
 
     # notebook 03: the run loaded as the settings load it, reports through the batch runner
     model, processor, _ = modeling.load_for_inference(run, small_gpu=emulated.inference_4bit)
@@ -96,12 +138,9 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, sample_studies, tmp_p
     assert analysis["attention"].shape[0] == len(analysis["ids"]) > 0
     del model
 
-    # notebook 04: the GREEN judge in the settings' precision (4-bit on the T4), at the profile's batch size; a few
-    # answer tokens only (the random judge would run to GREEN's 2,048-token total, slowly in fp16 on the CPU)
-    judge_dir = demo_models.build_random_judge(tmp_path / "judge", demo_models.tokenizer_corpus(sample_studies))
-    green = judge.Judge(str(judge_dir), tmp_path / "green_cache.jsonl", load_in_4bit=emulated.judge_4bit,
-                        dtype=torch_dtype(emulated.judge_precision), batch_size=emulated.judge_batch_size,
-                        max_new_tokens=8)
+    # notebook 04: the GREEN judge in the settings' precision (4-bit on the T4), at the profile's batch size, within
+    # the demo's answer budget (the tiny judge's answers end there)
+    green = emulated_judge(emulated, judge_dir, tmp_path / "green_cache.jsonl", demo_answer)
     pairs = [(s.regions["lung"], records[s.id]["regions"]["lung"] or "No finding.") for s in test[:2]]
     judged = green.judge(pairs)
     assert len(judged) == 2 and all(r["judge"] == green.label for r in judged)

@@ -175,6 +175,10 @@ def test_processes_share_the_gradient_accumulation(tiny_model_dir, monkeypatch):
 def test_presets():
     assert [s["epochs"] for s in training.resolve_stages("two_stage", 3)] == [1, 2]
     assert [s["epochs"] for s in training.resolve_stages("qlora", 3)] == [3]
+    # the preference stage's epoch is its own: the SFT stages are two_stage's
+    dpo = training.resolve_stages("two_stage_dpo", 3)
+    assert dpo[:2] == training.resolve_stages("two_stage", 3) and [s["epochs"] for s in dpo] == [1, 2, 1]
+    assert dpo[2]["dpo"] and all(dpo[2][part] for part in ("llm_lora", "vision_lora", "projector"))
     with pytest.raises(ValueError, match="needs more than 1 epoch"):
         training.resolve_stages("two_stage", 1)
     with pytest.raises(ValueError, match="unknown PRESET"):
