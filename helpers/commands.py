@@ -194,20 +194,20 @@ def evaluate(p, settings, artifacts) -> None:
         print("wrote", path)
     for path in evaluation.write_figures(frame, tables, artifacts, plan.runs):
         print("wrote", path)
-    clinical = ()
+    clinical_inputs = ()
     if p.CLINICAL:
         from .clinical import REXRANK_NOTE
 
         clinical_table, _, leaderboard, clinical_scores, paths = evaluation.clinical_metrics(
             settings, artifacts, studies, systems, refs, plan, judge, nlg, tables, p.N_BOOT, p.SEED)
-        clinical = clinical_table, clinical_scores
+        clinical_inputs = clinical_table, clinical_scores
         print("\n".join(f"wrote {path}" for path in paths))
         print(REXRANK_NOTE, leaderboard.round(3), sep="\n")
     lengths = evaluation.report_lengths(systems)
     print(lengths.round(1))
     counterparts = evaluation.sft_counterparts(artifacts, plan.runs)
-    comparison = evaluation.preference_comparison(counterparts, frame, stats, nlg, lengths, *clinical, n_boot=p.N_BOOT,
-                                                  seed=p.SEED)
+    comparison = evaluation.preference_comparison(counterparts, frame, stats, nlg, lengths, *clinical_inputs,
+                                                  n_boot=p.N_BOOT, seed=p.SEED)
     print(evaluation.preference_in_words(comparison, counterparts))
     for path in evaluation.write_preference_outputs(comparison, lengths, artifacts):
         print("wrote", path)

@@ -182,16 +182,16 @@ def preference_comparison(counterparts: dict, frame, stats, nlg, lengths, clinic
     """Each preference run against its SFT counterpart, per split: what it optimises (GREEN per region and whole
     report: paired bootstrap) and what it does not (NLG on whole reports; RadEval's metrics, paired bootstrap; mean
     report length; distinct reports). Columns: sft, dpo, difference (dpo - sft), its 95% interval where paired."""
-    rows = []
+    rows, means = [], stats.set_index(["system", "split", "region"]).green
     for run, sft in counterparts.items():
         if sft is None:
             continue
         green_diff = paired_differences(frame, [run], sft, n_boot, seed).set_index(["split", "region"])
-        means = stats.set_index(["system", "split", "region"]).green
         clinical_diff = (clinical.paired_differences(clinical_scores, [run], sft, n_boot, seed)
                          .set_index(["split", "metric"]) if clinical_scores is not None else None)
         for split, name in SPLIT_NAMES.items():
             def row(measure, optimised, a, b, ci=(float("nan"), float("nan"))):
+                a, b = (float("nan") if v is None else float(v) for v in (a, b))  # None: METEOR switched off
                 rows.append({"run": run, "sft counterpart": sft, "split": name, "measure": measure,
                              "optimised by DPO": optimised, "sft": a, "dpo": b, "difference": b - a,
                              "ci_lo": ci[0], "ci_hi": ci[1]})

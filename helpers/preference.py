@@ -144,13 +144,15 @@ def read_pairs(path) -> list[dict]:
 
 
 def lengths_table(summary: dict):
-    """preferences_summary.json's word counts of chosen against rejected reports, as a table."""
+    """preferences_summary.json's word counts of chosen against rejected reports, and in how many pairs each side is
+    the longer report, as a table."""
     import pandas as pd
 
     lengths = summary["lengths"]
-    return pd.DataFrame({"chosen": lengths["chosen words"], "rejected": lengths["rejected words"]}).T.assign(
-        **{"pairs where chosen is longer": [lengths["chosen longer"], None],
-           "shorter": [lengths["chosen shorter"], None]}) if lengths else pd.DataFrame()
+    if not lengths:
+        return pd.DataFrame()
+    return pd.DataFrame({"chosen": {**lengths["chosen words"], "longer in pairs": lengths["chosen longer"]},
+                         "rejected": {**lengths["rejected words"], "longer in pairs": lengths["chosen shorter"]}}).T
 
 
 # ---------------------------------------------------------------- computed cost

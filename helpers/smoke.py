@@ -193,7 +193,7 @@ def training_projection(settings, metrics: dict, config: dict) -> dict:
 
 
 def _preference_studies(config: dict, full: dict) -> int:
-    """The full run's studies that get candidates: DPO_STUDIES of those trained on (all: None), and the held-out."""
+    """The full run's studies to train on that get candidates: DPO_STUDIES of them (None: all)."""
     chosen = config["preference"]["studies"]
     return min(chosen, full["n_train"]) if chosen else full["n_train"]
 

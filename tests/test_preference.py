@@ -311,3 +311,32 @@ def test_the_memory_check_counts_both_sequences_of_a_preference_pair(tiny_model_
     assert training.dpo_batch({**sft, "batch_size": 4, "grad_accum": 2}) == (2, 4)
     assert math.isclose(dpo_parts["activations"], 2 * sft_parts["activations"])  # batch 1: one pair, two sequences
     assert dpo_parts["weights"] == sft_parts["weights"]
+
+
+def test_the_comparison_with_the_sft_counterpart_takes_metrics_that_did_not_run():
+    """GREEN's paired difference per region, NLG with METEOR switched off (None), length and distinct reports."""
+    import pandas as pd
+
+    from helpers import evaluation, green
+    from helpers.reports import REPORT
+
+    rows = [{"system": system, "split": split, "id": f"s{i}", "region": region, "green": score,
+             "ref_empty": False, "parsed": True}
+            for system, score in (("sft", 0.5), ("dpo", 0.75)) for split in ("val", "test") for i in range(3)
+            for region in green.SCORED]
+    frame = pd.DataFrame(rows)
+    stats = frame.groupby(["system", "split", "region"], as_index=False).green.mean()
+    nlg = pd.DataFrame([{"system": system, "split": split, "region": REPORT, "BLEU-1": bleu, "BLEU-4": bleu,
+                         "METEOR": None, "ROUGE-L": bleu, "CIDEr": bleu}
+                        for system, bleu in (("sft", 0.3), ("dpo", 0.2)) for split in ("val", "test")])
+    lengths = pd.DataFrame([{"system": system, "split": name, "mean words": words, "distinct reports": 2}
+                            for system, words in (("sft", 20.0), ("dpo", 30.0)) for name in ("Validation", "Testing")]
+                           ).set_index(["system", "split"])
+    comparison = evaluation.preference_comparison({"dpo": "sft"}, frame, stats, nlg, lengths, n_boot=50)
+    by = comparison[comparison.split == "Testing"].set_index("measure")
+    assert by.loc["GREEN Whole report", ["sft", "dpo", "difference", "ci_lo"]].tolist() == [0.5, 0.75, 0.25, 0.25]
+    assert by.loc["BLEU-4 (whole report)", "difference"] == pytest.approx(-0.1)
+    assert math.isnan(by.loc["METEOR (whole report)", "difference"])
+    assert by.loc["mean words", "difference"] == 10 and not by.loc["mean words", "optimised by DPO"]
+    words = evaluation.preference_in_words(comparison, {"dpo": "sft", "other": None})
+    assert "other: no SFT counterpart" in words and "GREEN Whole report 0.500 -> 0.750 (+0.250 [+0.250, +0.250])" in words
