@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from transformers import LogitsProcessor
 
 from .data import REGIONS, DataError, by_split, load_studies, readable_studies, study_images
 from .modeling import generation_inputs
@@ -91,23 +92,43 @@ def generate_batch(model, processor, views: list[list], ids: list[str], *, max_n
     return records
 
 
+class NonFiniteRows(LogitsProcessor):
+    """Marks every row whose next-token distribution is not a distribution (a NaN, +inf, or nothing allowed: an fp16
+    overflow on a T4) and gives it uniform scores, so that `multinomial` draws instead of raising for the whole batch;
+    the marked rows are dropped afterwards. transformers' `remove_invalid_values` repairs scores without saying which."""
+
+    def __init__(self, prompt_length: int, eos_token_id):
+        self.prompt_length, self.rows = prompt_length, None
+        self.eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+
+    def __call__(self, input_ids, scores):
+        bad = scores.isnan().any(-1) | scores.isposinf().any(-1) | scores.isneginf().all(-1)
+        finished = torch.isin(input_ids[:, self.prompt_length:], self.eos.to(input_ids.device)).any(-1)
+        bad &= ~finished  # a finished row's later scores are never used
+        self.rows = bad if self.rows is None else self.rows | bad
+        return torch.where(bad[:, None], torch.zeros_like(scores), scores)
+
+
 def sample_batch(model, processor, views: list[list], *, n: int, temperature: float, max_new_tokens: int,
                  seed: int) -> list[list[dict]]:
     """`n` reports per study by temperature sampling (the preference stage's candidates; evaluation stays greedy):
-    pure temperature, no top-k or top-p cut, seeded so a batch samples the same reports again."""
+    pure temperature, no top-k or top-p cut, seeded so a batch samples the same reports again. A sample whose
+    distribution stopped being finite at some step is left out, so a study can get fewer than `n`."""
     inputs = generation_inputs(processor, views, model)
+    guard = NonFiniteRows(inputs["input_ids"].shape[1], model.generation_config.eos_token_id)
     torch.manual_seed(seed)
     with torch.inference_mode():
         sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                   top_k=0, top_p=1.0, num_return_sequences=n)
+                                   top_k=0, top_p=1.0, num_return_sequences=n, logits_processor=[guard])
     generated = sequences[:, inputs["input_ids"].shape[1]:].cpu().tolist()  # rows: study 0's n samples, then 1's
+    valid = (~guard.rows).tolist() if guard.rows is not None else [True] * len(generated)
     records = []
-    for token_ids in generated:
+    for token_ids, ok in zip(generated, valid):
         token_ids = token_ids[:generated_length(model, token_ids)]
         text = processor.tokenizer.decode(token_ids, skip_special_tokens=True)
         regions, parsed = parse_report(text)
-        records.append({"text": text, "regions": regions, "parsed": parsed, "n_tokens": len(token_ids)})
-    return [records[i:i + n] for i in range(0, len(records), n)]
+        records.append({"text": text, "regions": regions, "parsed": parsed, "n_tokens": len(token_ids)} if ok else None)
+    return [[r for r in records[i:i + n] if r is not None] for i in range(0, len(records), n)]
 
 
 def generate_split(model, processor, studies, out_path: str | Path, *, max_views: int, batch_size: int = 8,

@@ -3,6 +3,7 @@ them, prompts tokenized exactly like training, and a trained run loaded for infe
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 
 from peft import PeftModel
@@ -28,6 +29,19 @@ DEFAULT_VISUAL_TOKENS = "base"  # why: README, "Visual tokens"
 HUB_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 config.json, 336 px tiles
 # Extra vision-tower outputs per tile that the processor must count: CLIP prepends a CLS token, SigLIP none.
 EXTRA_VISION_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+
+
+@contextmanager
+def base_tile_load():
+    """Loading LLaVA-NeXT's checkpoint as a plain LLaVA ("base", `model_config`): its `image_newline` is unused by
+    design, so transformers' load report (an UNEXPECTED key that reads like a broken checkpoint) leaves that key out.
+    Set on the class for the load only: a subclass would lose transformers' weight renames, which go by class name."""
+    before = LlavaForConditionalGeneration._keys_to_ignore_on_load_unexpected
+    LlavaForConditionalGeneration._keys_to_ignore_on_load_unexpected = [*(before or []), r"(^|\.)image_newline$"]
+    try:
+        yield
+    finally:
+        LlavaForConditionalGeneration._keys_to_ignore_on_load_unexpected = before
 
 
 def model_config(config, visual_tokens: str):
@@ -124,9 +138,10 @@ def load_model_and_processor(model_id: str = DEFAULT_MODEL_ID, *, visual_tokens:
     config = model_config(AutoConfig.from_pretrained(model_id, token=token), visual_tokens)
     processor = load_processor(model_id, visual_tokens=visual_tokens, token=token, processor_id=processor_id)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model_class = LlavaForConditionalGeneration if visual_tokens == "base" else AutoModelForImageTextToText
-    model = load_weights(model_class, model_id, config=config, load_in_4bit=load_in_4bit, dtype=dtype, token=token,
-                         **extra)
+    base = visual_tokens == "base"
+    with base_tile_load() if base else nullcontext():
+        model = load_weights(LlavaForConditionalGeneration if base else AutoModelForImageTextToText, model_id,
+                             config=config, load_in_4bit=load_in_4bit, dtype=dtype, token=token, **extra)
     return model, processor
 
 

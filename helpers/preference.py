@@ -104,10 +104,11 @@ def preference_pairs(studies, candidates: dict[str, dict], rewards: dict[str, li
                      held_out: set[str]) -> tuple[list[dict], dict]:
     """One pair per study where `choose_pair` finds one, and the counts of what was left out and why."""
     pairs, counts = [], {"studies": len(studies), "candidates": 0, "unparseable candidates": 0,
-                         "no pair (rewards within min_gap)": 0}
+                         "samples left out (non-finite probabilities)": 0, "no pair (rewards within min_gap)": 0}
     for study in studies:
         scored = rewards[study.id]
         counts["candidates"] += len(scored)
+        counts["samples left out (non-finite probabilities)"] += candidates[study.id].get("non-finite samples", 0)
         counts["unparseable candidates"] += sum(r["reward"] is None for r in scored)
         pair = choose_pair(candidates[study.id]["candidates"], scored, settings["min_gap"], settings["length_margin"])
         if pair is None:

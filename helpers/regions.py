@@ -232,11 +232,12 @@ class SplitRun:
     failures: dict[str, str] = field(default_factory=dict)  # id -> why it failed (not cached: a rerun retries it)
     n_cached: int = 0
     n_new: int = 0
+    blank: list[str] = field(default_factory=list)  # ids whose report text is empty: five empty regions, no finding
 
     def summary(self) -> str:
         n_violating = sum(bool(v) for v in self.violations.values())
         return (f"{len(self.regions)} split ({self.n_cached} from cache, {self.n_new} new), "
-                f"{len(self.failures)} failed, {n_violating} with validation violations")
+                f"{len(self.failures)} failed, {n_violating} with validation violations, {len(self.blank)} blank")
 
 
 def cache_key(splitter: Splitter, text: str) -> str:
@@ -247,11 +248,17 @@ def split_many(reports: dict[str, str], backend: str = "rules", cache_path=None,
                **options) -> SplitRun:
     """Split many reports ({id: text}); results are appended to the JSONL cache one batch at a time, so a
     rerun skips what is cached and a killed run resumes with nothing lost or duplicated. Identical texts are
-    split once; failures are not cached (a rerun retries them)."""
+    split once; failures are not cached (a rerun retries them). An empty or blank text is not sent: its five regions
+    are empty, and its id is named and counted (`SplitRun.blank`)."""
     splitter = make_splitter(backend, **options)
     store = JsonlStore(cache_path, key_field="key")
-    keys = {i: cache_key(splitter, t) for i, t in reports.items()}
-    texts = {keys[i]: reports[i] for i in reports}
+    blank = [i for i, text in reports.items() if not text.strip()]
+    if blank:
+        print(f"WARNING: {len(blank)} report(s) are empty or blank, so all five of their regions are left empty "
+              f"(nothing to split, no reference finding to score): {', '.join(blank[:20])}"
+              f"{' ...' if len(blank) > 20 else ''}")
+    keys = {i: cache_key(splitter, t) for i, t in reports.items() if i not in blank}
+    texts = {keys[i]: reports[i] for i in keys}
     failed = {}
 
     def split_batch(batch_keys):
@@ -265,16 +272,18 @@ def split_many(reports: dict[str, str], backend: str = "rules", cache_path=None,
                                 "violations": result["violations"]})
         return records
 
-    run = SplitRun({}, {}, n_cached=sum(keys[i] in store for i in reports))
+    run = SplitRun({}, {}, n_cached=sum(keys[i] in store for i in keys), blank=blank)
     run_batches(store, list(texts), lambda key: key, split_batch, batch_size=splitter.batch_size,
                 desc=f"split ({backend})", unit="report", progress=progress)
     for i in reports:
-        if keys[i] in failed:
+        if i in blank:
+            run.regions[i], run.violations[i] = dict.fromkeys(ALL_REGIONS, ""), []
+        elif keys[i] in failed:
             run.failures[i] = failed[keys[i]]
         else:
             record = store.get(keys[i])
             run.regions[i], run.violations[i] = record["regions"], record["violations"]
-    run.n_new = len(run.regions) - run.n_cached
+    run.n_new = len(run.regions) - run.n_cached - len(blank)
     return run
 
 

@@ -24,6 +24,7 @@ SMALL_GPU_GIB = 24  # below this a 7B model in 16 bits (~14 GiB of weights) leav
 # this (a T4), where a 4-bit build scores differently (README, "GREEN judge precision")
 JUDGE_4BIT_BELOW_GIB = 20
 GREEN_TOKEN_BUDGET = 2048  # GREEN truncates prompts to 2,048 tokens and lets answers run to that total
+TRITON_MIN_CAPABILITY = (8, 0)  # Triton's officially supported floor (T4 and V100 are below it)
 
 # What each profile trains and runs with. Precision is not a profile setting: it follows the GPU (`precision_for`).
 # visual_tokens "base" everywhere: for a near-square X-ray, "tile" adds a second copy of the same 336 px image and
@@ -63,6 +64,16 @@ def precision_for(compute_capability: tuple[int, int] | None) -> str:
     return "bf16" if compute_capability[0] >= 8 else "fp16"
 
 
+def fused_head_path(compute_capability: tuple[int, int] | None) -> str:
+    """Which kernels TRL's fused LM head (SFT and DPO losses) runs: its Triton ones from compute capability 8.0, its
+    torch path below (and on the CPU), since Triton does not support older GPUs (helpers/trainer_fixes.py)."""
+    if compute_capability is None:
+        return "torch (no GPU)"
+    if tuple(compute_capability) >= TRITON_MIN_CAPABILITY:
+        return "triton"
+    return "torch (compute capability {}.{} is below Triton's 8.0)".format(*compute_capability)
+
+
 def gpu() -> tuple[str | None, float | None, tuple[int, int] | None]:
     """(name, memory in GiB, compute capability) of GPU 0, or Nones without one."""
     if not torch.cuda.is_available():
@@ -93,6 +104,7 @@ class Settings:
     generate_batch_size: int  # a start: generation halves it on out-of-memory
     judge_batch_size: int  # likewise
     judge_max_new_tokens: int  # GREEN's: answers run to its 2,048-token total (prompt included)
+    fused_lm_head: str  # TRL's fused LM head in training: "triton" or its torch path (`fused_head_path`)
     visual_tokens: str = "base"
 
     @property
@@ -122,6 +134,7 @@ def resolve(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Se
                     inference_4bit=memory is not None and memory < SMALL_GPU_GIB and not offline,
                     judge_precision="fp16" if memory is not None and not offline else "fp32",
                     judge_4bit=memory is not None and memory < JUDGE_4BIT_BELOW_GIB and not offline,
+                    fused_lm_head=fused_head_path(capability),
                     **PROFILES[profile])
 
 
@@ -131,6 +144,7 @@ def setup(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Sett
         from google.colab import drive
 
         drive.mount("/content/drive")
+    check_one_gpu_per_process()
     settings = resolve(profile, data_dir, artifacts_dir)
     annotation = settings.data_dir / "annotation.json"
     if not annotation.is_file():
@@ -139,6 +153,19 @@ def setup(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Sett
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     print(settings)
     return settings
+
+
+def check_one_gpu_per_process() -> None:
+    """Several GPUs visible to one process (Kaggle's 2x T4, a lab node) without a launcher: the Trainer would wrap the
+    model in nn.DataParallel, which TRL's SFTTrainer and DPOTrainer refuse; stop now, saying how to use one or all."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise RuntimeError(
+            f"{count} GPUs are visible to this one process, and TRL's trainers cannot use them this way. Either use "
+            f"one: set CUDA_VISIBLE_DEVICES=0 before torch starts (a notebook: restart the runtime and run "
+            f"`import os; os.environ['CUDA_VISIBLE_DEVICES'] = '0'` first; a shell: `CUDA_VISIBLE_DEVICES=0 python -m "
+            f"helpers ...`); or use all {count}: `torchrun --nproc-per-node {count} -m helpers train ...` (the same "
+            f"for generate and evaluate, docs/scaling.md)")
 
 
 def in_colab() -> bool:

@@ -10,7 +10,8 @@ from peft.utils import load_peft_weights
 from transformers import TrainerCallback
 from trl.trainer.utils import use_adapter
 
-from helpers import data, judge, modeling, preference, runs, storage, training
+from helpers import (data, judge, modeling, preference, preference_stage, runs, storage, trainer_config,
+                     training)
 from helpers.settings import resolve
 
 DEMO = resolve("demo")
@@ -75,7 +76,8 @@ def test_rewards_and_pairs_from_a_seeded_judge_cache(tmp_path):
     settings = preference.preference_settings(judge=green.label)
     pairs, counts = preference.preference_pairs([a, b], candidates, rewards, settings, held_out={"b"})
     assert counts == {"studies": 2, "candidates": 6, "unparseable candidates": 1,
-                      "no pair (rewards within min_gap)": 1, "pairs": 1, "held-out pairs": 0}
+                      "samples left out (non-finite probabilities)": 0, "no pair (rewards within min_gap)": 1,
+                      "pairs": 1, "held-out pairs": 0}
     [pair] = pairs
     texts = [c["text"] for c in candidates["a"]["candidates"]]
     assert pair["chosen"] == texts[3] and pair["rejected"] == texts[1]  # the shorter of the two best
@@ -221,7 +223,7 @@ def test_the_stage_starts_from_stage_2_with_stage_2_as_its_frozen_reference(tiny
     adapter, final = load_peft_weights(str(run.adapter_dir)), load_peft_weights(str(stage3))
     assert adapter.keys() == final.keys() and all(torch.equal(adapter[k], final[k]) for k in adapter)
     assert not (run.adapter_dir / "ref").exists() and list(json.loads(
-        (run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]) == [training.PROJECTOR]
+        (run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]) == [trainer_config.PROJECTOR]
     pairs = preference.read_pairs(run.preferences_path)
     assert {p["id"] for p in pairs} <= {s.id for s in fit + held}
     assert all(set(p) == {"id", "held_out", "chosen", "rejected", "chosen_reward", "rejected_reward",
@@ -245,7 +247,7 @@ def test_a_kill_in_any_phase_resumes_with_nothing_lost_or_duplicated(tiny_model_
     studies = fit + held
 
     # killed while sampling: the first batch's candidates are kept
-    real_sample, sampled = training.sample_batch, []
+    real_sample, sampled = preference_stage.sample_batch, []
 
     def sample_then_die(*args, **kwargs):
         if sampled:
@@ -253,7 +255,7 @@ def test_a_kill_in_any_phase_resumes_with_nothing_lost_or_duplicated(tiny_model_
         sampled.append(1)
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(training, "sample_batch", sample_then_die)
+    monkeypatch.setattr(preference_stage, "sample_batch", sample_then_die)
     with pytest.raises(Interrupt):
         training.train(run, config, fit, held, judge=green)
     first = run.candidates_path.read_text().splitlines()
@@ -306,9 +308,9 @@ def test_the_memory_check_counts_both_sequences_of_a_preference_pair(tiny_model_
     sft = training.make_config(t4, model_id=str(tiny_model_dir), max_length=1000, preset="two_stage", batch_size=1)
     dpo = {**sft, "stages": training.resolve_stages("two_stage_dpo", 3), "preference": {"beta": 0.1}}
     model_config = AutoConfig.from_pretrained(str(tiny_model_dir))
-    sft_parts, dpo_parts = (training.memory_estimate_gib(c, model_config) for c in (sft, dpo))
-    assert training.dpo_batch({**sft, "batch_size": 1, "grad_accum": 8}) == (1, 8)  # 8 pairs per optimizer step
-    assert training.dpo_batch({**sft, "batch_size": 4, "grad_accum": 2}) == (2, 4)
+    sft_parts, dpo_parts = (trainer_config.memory_estimate_gib(c, model_config) for c in (sft, dpo))
+    assert trainer_config.dpo_batch({**sft, "batch_size": 1, "grad_accum": 8}) == (1, 8)  # 8 pairs per optimizer step
+    assert trainer_config.dpo_batch({**sft, "batch_size": 4, "grad_accum": 2}) == (2, 4)
     assert math.isclose(dpo_parts["activations"], 2 * sft_parts["activations"])  # batch 1: one pair, two sequences
     assert dpo_parts["weights"] == sft_parts["weights"]
 

@@ -13,8 +13,8 @@ import torch
 
 from transformers import TrainerCallback
 
-from helpers import (attention, data, demo_models, generation, judge, modeling, preference, runs, settings, train_data,
-                     training)
+from helpers import (attention, data, demo_models, generation, judge, modeling, preference, preference_stage, runs,
+                     settings, train_data, training)
 from helpers.settings import torch_dtype
 
 # (name, GiB as torch reports it, compute capability) of a GPU each profile is picked for
@@ -99,8 +99,9 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, judge_dir, sample_stu
                                   preference={**preference.preference_settings(judge=green.label), "min_gap": 0.0})
     assert config["batch_size"] == emulated.batch_size and config["precision"] == EXPECTED[profile]["precision"]
     generate_calls, sample_calls, arguments = [], [], StageArguments()
-    spy(monkeypatch, training, "generate_batch", generate_calls)
-    spy(monkeypatch, training, "sample_batch", sample_calls)
+    spy(monkeypatch, training, "generate_batch", generate_calls)  # the held-out checks
+    spy(monkeypatch, preference_stage, "generate_batch", generate_calls)  # the greedy candidates
+    spy(monkeypatch, preference_stage, "sample_batch", sample_calls)
     run = runs.Artifacts(tmp_path).run(profile)
     metrics = training.train(run, config, fit, held, callbacks=[arguments], judge=green)
     for stage in metrics["stages"][:2]:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from helpers import data, modeling, reports, runs, train_data, training
+from helpers import data, modeling, reports, runs, train_data, trainer_config, training
 from helpers.modeling import (generation_inputs, image_tokens_per_view, load_for_inference, load_processor,
                               training_chat_template)
 from helpers.settings import resolve
@@ -123,8 +123,8 @@ def test_stage_toggling_counts(two_stage, tiny_model_dir):
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     r = config["lora"]["r"]
     assert config["vision_lora_layers"] == base.config.vision_config.num_hidden_layers - 1  # feature layer -2
-    llm = expected_lora(base, training.LLM_TARGETS, r)
-    vision = expected_lora(base, training.vision_targets(config["vision_lora_layers"]), r)
+    llm = expected_lora(base, trainer_config.LLM_TARGETS, r)
+    vision = expected_lora(base, trainer_config.vision_targets(config["vision_lora_layers"]), r)
     projector = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
     assert llm > 0 and vision > 0 and projector > 0
     stage1, stage2 = config["stages"]
@@ -154,7 +154,7 @@ def test_vision_lora_stops_at_the_feature_layer():
     assert modeling.vision_layers_used(real) == 23
     assert modeling.vision_layers_used(LlavaNextConfig(vision_config=CLIPVisionConfig(num_hidden_layers=24),
                                                        text_config=MistralConfig(), vision_feature_layer=[-2, 5])) == 23
-    pattern = training.vision_targets(23)
+    pattern = trainer_config.vision_targets(23)
     layer = "model.vision_tower.encoder.layers.{}.self_attn.q_proj"  # transformers 5 module paths
     assert re.fullmatch(pattern, layer.format(22)) and re.fullmatch(pattern, layer.format(0))
     assert not re.fullmatch(pattern, layer.format(23)) and not re.fullmatch(pattern, layer.format(2) + "x")
@@ -445,5 +445,5 @@ def test_runs_that_cannot_fit_are_warned_about_or_refused_before_loading(tmp_pat
     config = make()
     messages = [str(w.message) for w in recwarn if "computed training peak" in str(w.message)]
     assert len(messages) == (outcome == "warned"), messages
-    total = sum(training.memory_estimate_gib(config, real_shaped_config()).values())
-    assert (total > training.WARN_ABOVE * gpu_gib) == (outcome == "warned") and total < gpu_gib
+    total = sum(trainer_config.memory_estimate_gib(config, real_shaped_config()).values())
+    assert (total > trainer_config.WARN_ABOVE * gpu_gib) == (outcome == "warned") and total < gpu_gib
