@@ -22,10 +22,10 @@ from .settings import get_secret
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DEFAULT_MODEL_ID = "llava-hf/llava-v1.6-mistral-7b-hf"
-# How many image tokens a view costs (README, "Visual tokens"): the checkpoint's anyres grid (2,928 for a 512x512
+# How many image tokens a view costs (docs/02_sft_lora_qlora.md, "Visual tokens"): the checkpoint's anyres grid (2,928 for a 512x512
 # view), its base tile plus one tile of the same size (1,176), or the base tile alone (576, a plain LLaVA layout).
 VISUAL_TOKENS = ("anyres", "tile", "base")
-DEFAULT_VISUAL_TOKENS = "base"  # why: README, "Visual tokens"
+DEFAULT_VISUAL_TOKENS = "base"  # why: docs/02_sft_lora_qlora.md, "Visual tokens"
 HUB_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 config.json, 336 px tiles
 # Extra vision-tower outputs per tile that the processor must count: CLIP prepends a CLS token, SigLIP none.
 EXTRA_VISION_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}

@@ -21,14 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROCESS_WAIT = timedelta(hours=2)
 SMALL_GPU_GIB = 24  # below this a 7B model in 16 bits (~14 GiB of weights) leaves too little room: load it in 4-bit
 # GREEN's judge runs as GREEN runs it (fp16) wherever its 13.5 GB of fp16 weights fit beside a batch: 4-bit only below
-# this (a T4), where a 4-bit build scores differently (README, "GREEN judge precision")
+# this (a T4), where a 4-bit build scores differently (docs/02_sft_lora_qlora.md, "Settings")
 JUDGE_4BIT_BELOW_GIB = 20
 GREEN_TOKEN_BUDGET = 2048  # GREEN truncates prompts to 2,048 tokens and lets answers run to that total
 TRITON_MIN_CAPABILITY = (8, 0)  # Triton's officially supported floor (T4 and V100 are below it)
 
 # What each profile trains and runs with. Precision is not a profile setting: it follows the GPU (`precision_for`).
 # visual_tokens "base" everywhere: for a near-square X-ray, "tile" adds a second copy of the same 336 px image and
-# "anyres" costs 5x the tokens (README, "Visual tokens"); both stay one parameter away.
+# "anyres" costs 5x the tokens (docs/02_sft_lora_qlora.md, "Visual tokens"); both stay one parameter away.
 PROFILES = {
     # tiny random models built offline, on the CPU; the 10x learning rate lets them learn the format in a few steps
     "demo": dict(load_in_4bit=False, batch_size=2, grad_accum=1, epochs=3, save_steps=4, logging_steps=1,
@@ -148,8 +148,8 @@ def setup(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Sett
     settings = resolve(profile, data_dir, artifacts_dir)
     annotation = settings.data_dir / "annotation.json"
     if not annotation.is_file():
-        raise FileNotFoundError(f"{annotation} not found: put annotation.json and images/ there (see README, "
-                                f"'Data'), or set DATA_DIR")
+        raise FileNotFoundError(f"{annotation} not found: put annotation.json and images/ there (see "
+                                f"docs/01_region_prompting.md, 'Data'), or set DATA_DIR")
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     print(settings)
     return settings
