@@ -38,7 +38,8 @@ def build(predictor, out_dir: str | Path | None = None):
         button = gr.Button("Write the report")
         report = gr.Textbox(label="report", lines=5)
         overlays = gr.Gallery(label="attention per view (each region's tokens on the view's base tile)")
-        button.click(partial(predict_uploads, predictor, out_dir=out_dir), inputs=files, outputs=[report, overlays])
+        button.click(partial(predict_uploads, predictor, out_dir=out_dir), inputs=files, outputs=[report, overlays],
+                     api_name="report")
     return app
 
 

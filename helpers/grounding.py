@@ -76,7 +76,8 @@ def generate_ablations(model, processor, studies, run, *, max_views: int, seed: 
           + (f", shuffled views of another study (derangement, seed {seed})" if len(chosen) > 1 else
              "; shuffled skipped (it needs 2 studies)"))
     return {ablation: generate_split(model, processor, studies, predictions_path(run, ablation), max_views=max_views,
-                                     views=ablation_views(studies, ablation, max_views, grey=grey, seed=seed), **options)
+                                     views=ablation_views(studies, ablation, max_views, grey=grey, seed=seed),
+                                     **options)
             for ablation in chosen}
 
 
@@ -100,7 +101,8 @@ def evaluate(artifacts, runs: list[str], test_studies, judge, n_boot: int = 1000
             ablated = {k: v for k, v in load_predictions(path, test_studies).items() if k in real}
             systems[(run, ablation)] = ablated
             unchanged += [{"system": run, "ablation": ablation, "region": COLUMNS[region], "studies": len(ablated),
-                           "unchanged": np.mean([_text(p, region) == _text(real[k], region) for k, p in ablated.items()])}
+                           "unchanged": np.mean([_text(p, region) == _text(real[k], region)
+                                                 for k, p in ablated.items()])}
                           for region in SCORED]
     if missing:
         print(f"grounding: no ablated reports for {', '.join(missing)} (run notebook 03 with GROUNDING_STUDIES > 0)")

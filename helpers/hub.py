@@ -29,7 +29,8 @@ def results(run, artifacts) -> str:
         return "Not evaluated yet: notebook 04 (`python -m helpers evaluate`) writes the tables, then push again."
     judge = ", ".join(read_compare(artifacts).judge.unique())
     return (f"Headline GREEN per region (judge {judge}; mean over the studies whose reference for the region is "
-            f"non-empty; 95% bootstrap intervals), from `eval/compare/report.md`:\n\n{markdown_table(*tables[run.name])}")
+            f"non-empty; 95% bootstrap intervals), from `eval/compare/report.md`:\n\n"
+            f"{markdown_table(*tables[run.name])}")
 
 
 def model_card(run, artifacts, repo_id: str) -> ModelCard:

@@ -104,7 +104,8 @@ def plot_heatmaps(analysis: dict, path, layers: str = "all layers"):
         for col, (heat, image) in enumerate(zip(per_view, views)):
             shown = _overlay(axes[row, col], image, heat, f"{region} · view {col + 1}")
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, label="attention share")
-    fig.suptitle(f"{analysis['id']}: attention on the base tile, mean over {layers}", fontsize=9)
+    fig.suptitle(textwrap.fill(f"{analysis['id']}: attention on the base tile, mean over {layers}",  # one view: narrow
+                               int(fig.get_figwidth() * 12)), fontsize=9)
     return _save(fig, path)
 
 

@@ -63,8 +63,9 @@ class Predictor:
         diagnostic: when they fail (e.g. eager attention does not fit in memory) `attention_error` says why and the
         report is still returned."""
         paths = check_views(paths)
-        study = Study(id=study_id or paths[0].stem, split="predict", regions=None, original_report=None,
-                      image_paths=paths)
+        # IU X-Ray's layout, <study>/0.png: the folder names the study; otherwise the first file does
+        name = f"{paths[0].parent.name}_{paths[0].stem}" if paths[0].stem.isdigit() else paths[0].stem
+        study = Study(id=study_id or name, split="predict", regions=None, original_report=None, image_paths=paths)
         views = study_images(study)  # every file read (a bad one is named) before the model runs
         max_views = self.config["max_views"]
         if len(views) > max_views:

@@ -61,7 +61,8 @@ def method(run) -> str:
     metrics = json.loads(run.metrics_path.read_text(encoding="utf-8")) if run.metrics_path.is_file() else {"stages": []}
     lora = config["lora"]
     effective = config["batch_size"] * config["grad_accum"] * config.get("processes", 1)
-    rows = {"model": config["model_id"], "visual tokens": config["visual_tokens"], "views per study": config["max_views"],
+    rows = {"model": config["model_id"], "visual tokens": config["visual_tokens"],
+            "views per study": config["max_views"],
             "preset": config["preset"], "stages": " → ".join(s["name"] for s in config["stages"]),
             "LoRA r / alpha / dropout": f"{lora['r']} / {lora['alpha']} / {lora['dropout']}",
             "epochs (profile)": config["epochs"],
@@ -76,7 +77,8 @@ def method(run) -> str:
                             "peak GPU GiB": r.get("peak_gpu_memory_gb") or "n/a",
                             "selected checkpoint": r.get("best_checkpoint") or "last",
                             "best held-out loss": r.get("best_eval_loss")} for r in metrics["stages"]])
-    stage_table = frame_markdown(stages, digits=4) if len(stages) else "metrics.json not written yet (training unfinished)"
+    stage_table = (frame_markdown(stages, digits=4) if len(stages) else
+                   "metrics.json not written yet (training unfinished)")
     return f"| setting | value |\n|---|---|\n{head}\n\n{stage_table}"
 
 

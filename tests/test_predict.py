@@ -10,6 +10,7 @@ from helpers import app, commands, predict
 from helpers.data import DataError
 
 SAMPLE_VIEW = "CXR1209_IM-0142/0.png"
+OVERLAYS = ["CXR1209_IM-0142_0_view1_attention.png", "CXR1209_IM-0142_0_view2_attention.png"]  # the folder names it
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_a_png_and_a_monochrome1_dicom_give_the_report_of_the_same_pixels(predic
     dicom = dicom_of(png, tmp_path / "lateral.dcm", invert=True)
     result = predictor([png, dicom], tmp_path / "out")
     assert result["report"].splitlines()[0].startswith("Lung:") and len(result["report"].splitlines()) == 4
-    assert [p.name for p in result["overlays"]] == ["0_view1_attention.png", "0_view2_attention.png"]
+    assert [p.name for p in result["overlays"]] == OVERLAYS
     assert all(Image.open(p).size[0] > 100 for p in result["overlays"])
     # the inverted DICOM comes back as the PNG's pixels: two copies of the PNG write the same report
     assert predictor([png, png], tmp_path / "out2", attention=False)["text"] == result["text"]
@@ -46,10 +47,10 @@ def test_bad_input_is_named_before_the_model_runs(predictor, sample_dir, tmp_pat
     with pytest.raises(DataError, match=r"missing.png: file not found"):
         predictor([png, tmp_path / "missing.png"])
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(DataError, match=r"notes.png: study 0: not an image"):
+    with pytest.raises(DataError, match=r"notes.png: study CXR1209_IM-0142_0: not an image"):
         predictor([png, tmp_path / "notes.png"])
     (tmp_path / "broken.dcm").write_bytes(dicom_of(png, tmp_path / "whole.dcm").read_bytes()[:2000])
-    with pytest.raises(DataError, match=r"broken.dcm: study 0: cannot read image"):
+    with pytest.raises(DataError, match=r"broken.dcm: study CXR1209_IM-0142_0: cannot read image"):
         predictor([png, tmp_path / "broken.dcm"])
     assert app.predict_uploads(predictor, [str(tmp_path / "notes.png")]) == (
         f"Cannot read the upload: {tmp_path / 'notes.png'}: study notes: not an image (neither PNG, JPEG nor DICOM)",
@@ -80,8 +81,8 @@ def test_predict_command_prints_the_report_and_writes_overlays(predictor, sample
     commands.main(["predict", "--profile", "demo", "--artifacts-dir", str(artifacts), "--run-name", "tiny", str(png),
                    str(dicom)])
     lines = capsys.readouterr().out.splitlines()  # the settings first, then the report
-    start = lines.index(f"0 ({png}, {dicom}):")
+    start = lines.index(f"CXR1209_IM-0142_0 ({png}, {dicom}):")
     assert lines[start + 1:start + 5] == predictor([png, png], attention=False)["report"].splitlines()
     overlays = sorted((artifacts / "generate" / "tiny" / "predict").glob("*.png"))
-    assert [p.name for p in overlays] == ["0_view1_attention.png", "0_view2_attention.png"]
+    assert [p.name for p in overlays] == OVERLAYS
     assert f"attention overlay: {overlays[0]}" in lines

@@ -29,8 +29,8 @@ def artifacts(tmp_path_factory, tiny_model_dir, sample_dir):
     artifacts = runs.Artifacts(root)
     refs = {split: [study(i, split, lung=f"Effusion {i}.", heart="Normal." if i % 2 else "Enlarged.")
                     for i in range(6)] for split in ("val", "test")}
-    systems = {name: {split: {s.id: {"regions": {**s.regions, "lung": s.regions["lung"] if (i + shift) % 3 else "Clear.",
-                                                 "heart": "Normal."}}
+    systems = {name: {split: {s.id: {"regions": {**s.regions, "heart": "Normal.",
+                                                 "lung": s.regions["lung"] if (i + shift) % 3 else "Clear."}}
                               for i, s in enumerate(studies)} for split, studies in refs.items()}
                for name, shift in (("run-a", 0), ("run-b", 1), ("template", 2))}
     pairs = {(row["reference"], row["candidate"]): answer(1) if row["reference"] == row["candidate"] else
