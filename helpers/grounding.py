@@ -137,13 +137,13 @@ def in_words(table: pd.DataFrame) -> str:
             lines.append(f"{run} does not look at the X-ray: it writes the same report for all {n} test studies with "
                          f"{' and with '.join(ABLATION_WORDS[a] for a in part.index)}.")
             continue
-        changes = "; ".join(f"{ABLATION_WORDS[a]}, {1 - r.unchanged:.0%} of the reports change and whole-report GREEN "
-                            f"moves {r.difference:+.3f} [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}] from {r['GREEN real']:.3f}"
-                            for a, r in part.iterrows())
+        changes = "; ".join(f"with {ABLATION_WORDS[a]} {1 - r.unchanged:.0%} of the reports change and whole-report "
+                            f"GREEN moves {r.difference:+.3f} [{r.ci_lo:+.3f}, {r.ci_hi:+.3f}] from "
+                            f"{r['GREEN real']:.3f}" for a, r in part.iterrows())
         uses = (part.ci_hi < 0).any()
         lines.append(f"{run} looks at the X-ray{' and scores higher with its own views' if uses else ''} ({n} test "
-                     f"studies): with {changes}" + ("." if uses else "; no interval is below 0, so the image changes "
-                                                    "the words more than GREEN shows."))
+                     f"studies): {changes}" + ("." if uses else "; no interval lies below 0, so the image changes the "
+                                                "words more than GREEN shows."))
     return "\n".join(lines)
 
 

@@ -40,6 +40,18 @@ def frame_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def with_intervals(frame: pd.DataFrame, bounds: dict[str, tuple[str, str]] | None = None,
+                   digits: int = 3) -> pd.DataFrame:
+    """Each value with its 95% interval in one cell, "v [lo, hi]": `bounds` maps a column to its (lo, hi) columns,
+    by default every column with "<column> lo" / "<column> hi" beside it; the bound columns are dropped."""
+    bounds = bounds or {c: (f"{c} lo", f"{c} hi") for c in frame.columns if f"{c} lo" in frame and f"{c} hi" in frame}
+    out = frame.drop(columns=[b for pair in bounds.values() for b in pair]).astype(object)
+    for column, (low, high) in bounds.items():
+        out[column] = [value if pd.isna(value) else f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+                       for value, lo, hi in zip(frame[column], frame[low], frame[high])]
+    return out
+
+
 def green_tables(compare: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
     """green_compare.csv back into {system: (table, ci)} as `green.tables_by_system` made them."""
     bounds = [f"{c} {end}" for c in TABLE_COLUMNS for end in ("lo", "hi")]
@@ -125,15 +137,18 @@ def build(artifacts, demo: bool = False) -> str:
     parts.append("## Baselines, judged the same way\n\n" + "\n\n".join(
         f"### {system}\n\n{markdown_table(*tables[system])}" for system in baselines) if baselines else
         "## Baselines\n\nnone were judged (a smoke run skips them)")
-    parts.append("## Paired differences against the reference run (`green_diff.csv`)\n\n" + (frame_markdown(
-        diff[["run", "reference", "split", "region", "studies", "difference", "ci_lo", "ci_hi", "wins", "ties",
-              "losses"]]) if len(diff) else "one run only: nothing to pair"))
+    parts.append("## Paired differences against the reference run (`green_diff.csv`: run - reference, 95% paired "
+                 "bootstrap interval; shares of studies won, tied, lost)\n\n" + (frame_markdown(with_intervals(
+                     diff[["run", "reference", "split", "region", "studies", "difference", "ci_lo", "ci_hi", "wins",
+                           "ties", "losses"]], {"difference": ("ci_lo", "ci_hi")})) if len(diff) else
+                     "one run only: nothing to pair"))
     parts.append("## Protocol counts (`green_stats.csv`, summed over the regions and the whole report)\n\n"
                  + frame_markdown(counts))
     parts.append("## NLG on whole reports, R2Gen-cleaned text (`nlg.csv`)\n\n" + frame_markdown(nlg))
-    parts.append("## RadEval's clinical metrics, whole reports (`clinical.csv`)\n\n" + _optional(
-        artifacts.compare_dir / "clinical.csv", lambda p: frame_markdown(pd.read_csv(p, index_col=[0, 1]).drop(
-            columns=lambda c: c.endswith((" lo", " hi")), errors="ignore")), "not computed (CLINICAL = False)"))
+    parts.append("## RadEval's clinical metrics, whole reports (`clinical.csv`, 95% bootstrap intervals)\n\n"
+                 + _optional(artifacts.compare_dir / "clinical.csv",
+                             lambda p: frame_markdown(with_intervals(pd.read_csv(p, index_col=[0, 1]))),
+                             "not computed (CLINICAL = False)"))
     parts.append("## ReXrank's IU X-Ray row (`rexrank_iu_xray.csv`)\n\n" + _optional(
         artifacts.compare_dir / "rexrank_iu_xray.csv", _rexrank, "not computed (CLINICAL = False)"))
     grounding = _optional(artifacts.compare_dir / "grounding.csv", pd.read_csv, None)
@@ -141,7 +156,9 @@ def build(artifacts, demo: bool = False) -> str:
         "not computed: notebook 03 with GROUNDING_STUDIES > 0, then notebook 04" if grounding is None else
         f"{grounding_in_words(grounding)}\n\n`unchanged`: share of the studies whose text is identical to the report "
         f"from the real views; GREEN of the ablated reports and of the real ones over the same studies; difference = "
-        f"ablated - real, paired bootstrap.\n\n{frame_markdown(grounding)}\n\n![grounding](plots/grounding.png)"))
+        f"ablated - real, 95% paired bootstrap interval.\n\n"
+        f"{frame_markdown(with_intervals(grounding, {'difference': ('ci_lo', 'ci_hi')}))}\n\n"
+        f"![grounding](plots/grounding.png)"))
     parts.append("## Method, per run (`train/<run>/config.json`, `metrics.json`)\n\n" + "\n\n".join(
         f"### {name}\n\n{method(artifacts.run(name))}" for name in runs))
     parts.append(f"## Package versions (the environment that wrote this report)\n\n{versions()}")

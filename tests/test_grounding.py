@@ -87,7 +87,7 @@ def test_unchanged_share_green_and_the_paired_difference(tmp_path, capsys):
     assert looks.loc[("blank", "Mediastinal")].GREEN != looks.loc[("blank", "Mediastinal")].GREEN  # no reference: n/a
     words = grounding.in_words(table).splitlines()
     assert words[0].startswith("looks looks at the X-ray and scores higher with its own views (2 test studies): with "
-                               "blank views, 50% of the reports change")
+                               "blank views 50% of the reports change and whole-report GREEN moves -0.500 [")
     assert words[1] == ("blind does not look at the X-ray: it writes the same report for all 2 test studies with blank "
                         "views and with another study's views.")
     paths = grounding.write_outputs(table, artifacts)

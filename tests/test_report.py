@@ -60,19 +60,37 @@ def section_table(text: str, heading: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
-def test_every_green_table_equals_green_compare_csv(artifacts):
-    text = report.build(artifacts)
-    compare = pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1])
-    assert list(dict.fromkeys(compare.index.get_level_values(0))) == ["run-a", "run-b", "template"]
-    for system in ("run-a", "run-b", "template"):
+def assert_tables_equal_green_compare(text: str, compare: pd.DataFrame) -> None:
+    """Each system's table in report.md, cell for cell, is green_compare.csv's value and interval to 3 decimals."""
+    for system in dict.fromkeys(compare.index.get_level_values(0)):
         header, _, *rows = section_table(text, f"### {system}\n")
         assert header == [""] + TABLE_COLUMNS
-        assert [r[0] for r in rows] == ["Validation", "Testing"]
+        assert [r[0] for r in rows] == list(compare.loc[system].index)
         for row in rows:
             for column, cell in zip(TABLE_COLUMNS, row[1:]):
                 value, low, high = (compare.loc[(system, row[0]), c] for c in (column, f"{column} lo", f"{column} hi"))
                 expected = "n/a" if pd.isna(value) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
                 assert cell == expected, (system, row[0], column)
+
+
+def check_demo_report(artifacts) -> None:
+    """What `make demo` must leave (tests/test_demo.py): report.md, its tables equal to green_compare.csv, and
+    grounding.csv with both ablations for every run."""
+    text = (artifacts.compare_dir / "report.md").read_text(encoding="utf-8")
+    assert report.DEMO_NOTE in text
+    assert_tables_equal_green_compare(text, pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1]))
+    table = pd.read_csv(artifacts.compare_dir / "grounding.csv")
+    assert set(zip(table.system, table.ablation)) == {(run.name, a) for run in artifacts.find_runs()
+                                                      for a in grounding.ABLATIONS}
+    assert table.unchanged.between(0, 1).all() and grounding.in_words(table) in text
+
+
+def test_every_green_table_equals_green_compare_csv(artifacts):
+    text = report.build(artifacts)
+    compare = pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1])
+    assert list(dict.fromkeys(compare.index.get_level_values(0))) == ["run-a", "run-b", "template"]
+    assert_tables_equal_green_compare(text, compare)
+    assert section_table(text, "### run-a\n")[2][0] == "Validation" and "n/a" in text  # no mediastinal reference
     assert text.index("### run-b") < text.index("## Baselines") < text.index("### template")
     assert f"Judge: {compare.judge.iloc[0]}." in text
 
@@ -81,7 +99,8 @@ def test_the_other_sections_read_their_files(artifacts):
     text = report.build(artifacts)
     diff = pd.read_csv(artifacts.compare_dir / "green_diff.csv")
     row = diff[(diff.split == "Testing") & (diff.region == "Lung")].iloc[0]
-    assert f"| run-b | run-a | Testing | Lung | {row.studies} | {row.difference:.3f} | {row.ci_lo:.3f} |" in text
+    assert (f"| run-b | run-a | Testing | Lung | {row.studies} | {row.difference:.3f} [{row.ci_lo:.3f}, "
+            f"{row.ci_hi:.3f}] | {row.wins:.3f} |") in text
     nlg = pd.read_csv(artifacts.compare_dir / "nlg.csv").query("system == 'template' and split == 'test' and "
                                                                "region == 'report'").iloc[0]
     assert f"| template | test | {nlg['BLEU-1']:.3f} | {nlg['BLEU-2']:.3f} |" in text and "| n/a | " in text
@@ -103,9 +122,13 @@ def test_written_with_the_grounding_check_when_there_is_one(artifacts):
                            "unchanged": 1.0, "GREEN": 0.5, "GREEN real": 0.5, "difference": 0.0, "ci_lo": 0.0,
                            "ci_hi": 0.0} for a in grounding.ABLATIONS])
     grounding.write_outputs(table, artifacts)
+    (artifacts.compare_dir / "clinical.csv").write_text(  # clinical.write_outputs' layout
+        "system,split,Studies,SembScore,SembScore lo,SembScore hi,Checkpoints\nrun-a,Testing,6,0.5,0.4,0.6,hub\n")
     path = report.write(artifacts, demo=True)
     text = path.read_text()
     assert path == artifacts.compare_dir / "report.md" and text.startswith("# Chest X-ray report generation")
     assert ("run-a does not look at the X-ray: it writes the same report for all 6 test studies with blank views and "
             "with another study's views.") in text
-    assert "| run-a | blank | Whole report | 6 | 1.000 | 0.500 |" in text
+    assert "| run-a | blank | Whole report | 6 | 1.000 | 0.500 | 0.500 | 0.000 [0.000, 0.000] |" in text
+    assert ("| system | split | Studies | SembScore | Checkpoints |\n|---|---|---|---|---|\n"
+            "| run-a | Testing | 6 | 0.500 [0.400, 0.600] | hub |") in text
