@@ -151,7 +151,7 @@ def plot(table: pd.DataFrame, path):
     """Per run: GREEN with the real, blank and shuffled views (bars, per region and whole report) and the share of
     unchanged texts (marks)."""
     runs = list(dict.fromkeys(table.system))
-    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(5.5 * max(1, len(runs)), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(runs)), figsize=(6 * max(1, len(runs)), 4), squeeze=False)
     for ax, run in zip(axes[0], runs):
         part = table[table.system == run]
         regions = list(dict.fromkeys(part.region))
@@ -164,8 +164,9 @@ def plot(table: pd.DataFrame, path):
             ax.plot(x + offset, rows.unchanged, "k_", markersize=14, markeredgewidth=2,
                     label="share of texts unchanged" if offset == 0 else None)
         ax.set_xticks(x, regions, fontsize=8)
-        ax.set(ylim=(0, 1.05), title=f"{run}: does it look? ({int(part.studies.max())} test studies)")
-        ax.legend(fontsize=7)
+        ax.set(ylim=(0, 1.05), ylabel="GREEN (bars), share unchanged (marks)",
+               title=f"{run}: does it look? ({int(part.studies.max())} test studies)")
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     if not runs:
         axes[0, 0].text(0.5, 0.5, "no ablated reports", ha="center", transform=axes[0, 0].transAxes, color="grey")
     path = Path(path)

@@ -35,10 +35,10 @@ def save_overlays(analysis: dict, out_dir: str | Path) -> list[Path]:
     """One PNG per view: each region's attention on the view's base tile over the X-ray (`plots.plot_heatmaps`)."""
     paths = []
     for i, view in enumerate(analysis["views"]):
-        one_view = {"id": f"{analysis['id']} · view {i + 1}", "views": [view],
+        one_view = {"id": analysis["id"], "views": [view],
                     "heatmaps": {region: [maps[i]] for region, maps in analysis["heatmaps"].items()}}
         paths.append(Path(out_dir) / f"{analysis['id']}_view{i + 1}_attention.png")
-        plot_heatmaps(one_view, paths[-1])
+        plot_heatmaps(one_view, paths[-1], first_view=i + 1)
         plt.close("all")
     return paths
 

@@ -114,6 +114,15 @@ def _rexrank(path: Path) -> str:
     return f"{note.lstrip('# ')}\n\n" + frame_markdown(pd.read_csv(io.StringIO(table), index_col=0))
 
 
+def _grounding(table: pd.DataFrame) -> str:
+    verdicts = "\n\n".join(grounding_in_words(table).splitlines())  # one paragraph per run
+    return (f"{verdicts}\n\n`unchanged`: share of the studies whose text is identical to the report from the real "
+            f"views; GREEN of the ablated reports and of the real ones over the same studies; difference = ablated - "
+            f"real, 95% paired bootstrap interval.\n\n"
+            f"{frame_markdown(with_intervals(table, {'difference': ('ci_lo', 'ci_hi')}))}\n\n"
+            f"![grounding](plots/grounding.png)")
+
+
 def build(artifacts, demo: bool = False) -> str:
     """report.md's text from the artifacts (see the module docstring)."""
     compare = read_compare(artifacts)
@@ -151,14 +160,9 @@ def build(artifacts, demo: bool = False) -> str:
                              "not computed (CLINICAL = False)"))
     parts.append("## ReXrank's IU X-Ray row (`rexrank_iu_xray.csv`)\n\n" + _optional(
         artifacts.compare_dir / "rexrank_iu_xray.csv", _rexrank, "not computed (CLINICAL = False)"))
-    grounding = _optional(artifacts.compare_dir / "grounding.csv", pd.read_csv, None)
-    parts.append("## Does the model look at the X-ray? (`grounding.csv`)\n\n" + (
-        "not computed: notebook 03 with GROUNDING_STUDIES > 0, then notebook 04" if grounding is None else
-        f"{grounding_in_words(grounding)}\n\n`unchanged`: share of the studies whose text is identical to the report "
-        f"from the real views; GREEN of the ablated reports and of the real ones over the same studies; difference = "
-        f"ablated - real, 95% paired bootstrap interval.\n\n"
-        f"{frame_markdown(with_intervals(grounding, {'difference': ('ci_lo', 'ci_hi')}))}\n\n"
-        f"![grounding](plots/grounding.png)"))
+    parts.append("## Does the model look at the X-ray? (`grounding.csv`)\n\n" + _optional(
+        artifacts.compare_dir / "grounding.csv", lambda p: _grounding(pd.read_csv(p)),
+        "not computed: notebook 03 with GROUNDING_STUDIES > 0, then notebook 04"))
     parts.append("## Method, per run (`train/<run>/config.json`, `metrics.json`)\n\n" + "\n\n".join(
         f"### {name}\n\n{method(artifacts.run(name))}" for name in runs))
     parts.append(f"## Package versions (the environment that wrote this report)\n\n{versions()}")
