@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from .colab import REPO_URL
 from .green import markdown_table
-from .report import green_tables, method, read_compare
+from .report import DEMO_NOTE, green_tables, method, read_compare
 from .settings import get_secret
 
 TAGS = ["medical", "radiology", "chest-x-ray", "radiology-report-generation", "llava-next", "lora", "peft"]
@@ -37,6 +37,7 @@ def model_card(run, artifacts, repo_id: str) -> ModelCard:
     config = run.config
     data = ModelCardData(base_model=config["model_id"], library_name="peft", pipeline_tag="image-text-to-text",
                          datasets=DATASETS, tags=TAGS)
+    demo = f"\n{DEMO_NOTE}\n" if config.get("profile") == "demo" else ""
     body = f"""
 # {repo_id}
 
@@ -46,6 +47,7 @@ chest X-ray study (1 to {config['max_views']} views) as four lines: Lung, Heart,
 
 **Research use only, not for clinical decisions.** It was trained on one small public data set, makes mistakes a
 radiologist would not, and has not been validated clinically.
+{demo}
 
 ## Results
 

@@ -7,7 +7,7 @@ from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 from tiny_run import make_run
 
-from helpers import commands, data, generation, hub, modeling, runs
+from helpers import commands, data, generation, hub, modeling, report, runs
 from helpers.data import by_split
 
 
@@ -48,6 +48,7 @@ def test_model_card_has_the_hub_metadata_the_warning_and_the_loading_code(run):
     assert "Research use only, not for clinical decisions." in card.text
     assert 'snapshot_download("someone/xray-rrg-tiny")' in card.text and "PeftModel.from_pretrained" in card.text
     assert "Not evaluated yet" in card.text  # no notebook 04 in this artifact folder
+    assert report.DEMO_NOTE in card.text  # a demo-profile run: its numbers mean nothing
 
 
 def test_push_uploads_the_folder_with_the_token_and_refuses_without_one(run, monkeypatch):
