@@ -1,6 +1,8 @@
 """The four notebooks as commands, for a lab machine with one GPU or several:
 
     python -m helpers split    | train | generate | evaluate  [--profile ...] [--run-name ...] ...
+    python -m helpers predict --run-name RUN IMAGE [IMAGE ...]     (your own X-ray: 1 to 4 views, PNG/JPEG/DICOM)
+    python -m helpers push --run-name RUN --repo-id USER/NAME [--dry-run]
     torchrun --nproc_per_node N -m helpers train | generate | evaluate ...
     accelerate launch --num_processes N -m helpers train | generate | evaluate ...
 
@@ -28,7 +30,7 @@ from .smoke import Artifacts
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"split": "01_region_prompting.ipynb", "train": "02_sft_lora_qlora.ipynb",
              "generate": "03_generate.ipynb", "evaluate": "04_green_eval.ipynb"}
-SHOWN_ONLY = {"N_EXAMPLES"}  # notebook parameters that only choose what a notebook displays
+SHOWN_ONLY = {"N_EXAMPLES", "PREDICT_IMAGES"}  # notebook parameters that only choose what a notebook displays
 LISTS = {"RUN_NAMES", "ATTENTION_IDS", "ATTENTION_LAYERS"}  # given as several values: --run-names a b
 TEXT_SUFFIXES = ("_DIR", "_ID", "_IDS", "_NAME", "_NAMES", "_RUN", "_MODEL", "PROFILE", "BACKEND", "PRESET", "VISUAL_TOKENS")
 
@@ -70,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
                              type=_option_value(name), nargs="+" if name in LISTS else "?" if switch else None,
                              const=True if switch else None,
                              help=f"{p['help']} (default: {p['default']!r})".replace("%", "%%"))
+    predict = steps.add_parser("predict", help="your own X-ray: a run's four-region report, attention overlays",
+                               description="A trained run's report for 1 to 4 views of one study (8- or 16-bit PNG, "
+                                           "JPEG, DICOM), and an attention overlay per view (helpers/predict.py).")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="1 to 4 views of one study")
+    predict.add_argument("--load-in-4bit", dest="LOAD_IN_4BIT", type=parameter_value, default=None,
+                         help="None: as the run was trained, or 4-bit on a GPU under 24 GiB (default: None)")
+    predict.add_argument("--out-dir", dest="OUT_DIR", default=None,
+                         help="where the overlay PNGs go (default: ARTIFACTS_DIR/generate/<run>/predict)")
+    push = steps.add_parser("push", help="upload a run's adapter, processor, config and model card to the Hub",
+                            description="Upload train/<run>/hub/ (adapter, processor, config.json, model card with "
+                                        "notebook 04's tables) with HF_TOKEN (helpers/hub.py).")
+    push.add_argument("--repo-id", dest="REPO_ID", required=True, help="USER/NAME of the model repository")
+    push.add_argument("--dry-run", dest="DRY_RUN", action="store_true",
+                      help="write train/<run>/hub/ and stop, uploading nothing")
+    push.add_argument("--private", dest="PRIVATE", action="store_true", help="create the repository private")
+    for sub in (predict, push):
+        sub.add_argument("--run-name", dest="RUN_NAME", required=True, help="the notebook-02 run")
+        sub.add_argument("--profile", dest="PROFILE", default=None, help="as in the notebooks; demo: artifacts/demo")
+        sub.add_argument("--artifacts-dir", dest="ARTIFACTS_DIR", default=None,
+                         help="None: Drive in Colab, artifacts/ here (artifacts/demo with --profile demo)")
+        sub.set_defaults(DATA_DIR=None, SMOKE=False)  # setup() resolves the data folder; neither step reads it
     return parser
 
 
@@ -129,8 +152,9 @@ def train(p, settings, artifacts) -> None:
 
 
 def generate(p, settings, artifacts) -> None:
-    """Notebook 03: reports for val and test (batches spread over the processes), then confidence and attention."""
-    from . import attention, generation, modeling, plots, smoke
+    """Notebook 03: reports for val and test (batches spread over the processes), the grounding check's reports, then
+    confidence and attention."""
+    from . import attention, generation, grounding, modeling, plots, smoke
 
     run = artifacts.find_run(smoke.run_name(p.RUN_NAME, p.SMOKE))
     model, processor, run_config = modeling.load_for_inference(run, p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
@@ -142,8 +166,14 @@ def generate(p, settings, artifacts) -> None:
                                        batch_size=p.BATCH_SIZE or settings.generate_batch_size,
                                        max_new_tokens=max_new_tokens, num_beams=p.NUM_BEAMS,
                                        repetition_penalty=p.REPETITION_PENALTY)
+    grounding_speed = grounding.generate_ablations(
+        model, processor, splits["test"][:p.GROUNDING_STUDIES], run, max_views=max_views,
+        batch_size=p.BATCH_SIZE or settings.generate_batch_size, max_new_tokens=max_new_tokens,
+        num_beams=p.NUM_BEAMS, repetition_penalty=p.REPETITION_PENALTY)
     if not processes().is_main_process:
         return
+    for ablation, figures in grounding_speed.items():
+        print(ablation, figures)
     records = {split: list(generation.load_predictions(run.predictions(split)).values()) for split in splits}
     for split, figures in speed.items():
         print(figures)
@@ -162,8 +192,8 @@ def generate(p, settings, artifacts) -> None:
 
 def evaluate(p, settings, artifacts) -> None:
     """Notebook 04: GREEN per region for the runs and baselines (judge batches spread over the processes), NLG and
-    RadEval's clinical metrics."""
-    from . import data, evaluation, green, metrics, smoke
+    RadEval's clinical metrics, the grounding check, then eval/compare/report.md."""
+    from . import data, evaluation, green, grounding, metrics, report, smoke
 
     studies = data.load_studies(settings.data_dir, require_images=("train", "val", "test"))
     plan = evaluation.make_plan(settings, artifacts, studies, run_names=smoke.run_names(p.RUN_NAMES, p.SMOKE),
@@ -179,9 +209,13 @@ def evaluate(p, settings, artifacts) -> None:
                                                                     artifacts, plan)
     judge = evaluation.make_judge(artifacts, plan)
     frame = green.evaluate(systems, refs, judge)
+    grounding_table = grounding.evaluate(artifacts, plan.runs, refs["test"], judge, p.N_BOOT, p.SEED)
     if not processes().is_main_process:
         return
     print(evaluation.judge_speed(judge))
+    print(grounding.in_words(grounding_table))
+    for path in grounding.write_outputs(grounding_table, artifacts):
+        print("wrote", path)
     stats = green.region_stats(frame)
     tables = green.tables_by_system(frame, stats, p.N_BOOT, p.SEED)
     print(evaluation.tables_in_words(tables, stats, plan))
@@ -211,6 +245,7 @@ def evaluate(p, settings, artifacts) -> None:
     print(evaluation.preference_in_words(comparison, counterparts))
     for path in evaluation.write_preference_outputs(comparison, lengths, artifacts):
         print("wrote", path)
+    print("wrote", report.write(artifacts, demo=settings.profile == "demo"))
     if p.SMOKE:
         projection = smoke.judge_projection(settings, judge, frame, len(plan.runs), all_refs)
         for name in plan.runs:
@@ -218,7 +253,24 @@ def evaluate(p, settings, artifacts) -> None:
             print(smoke.chain_summary(artifacts, artifacts.run(name)))
 
 
-STEPS = {"split": split, "train": train, "generate": generate, "evaluate": evaluate}
+def predict(p, settings, artifacts) -> None:
+    """Your own X-ray: the report of 1 to 4 views and an attention overlay per view."""
+    from .predict import Predictor, check_views, in_words
+
+    check_views(p.images)  # before the model loads
+    predictor = Predictor.load(artifacts.find_run(p.RUN_NAME), p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
+    print(in_words(predictor(p.images, p.OUT_DIR)))
+
+
+def push(p, settings, artifacts) -> None:
+    """A run's adapter, processor, config and model card to the Hub (or to train/<run>/hub/ with --dry-run)."""
+    from .hub import push as upload
+
+    where = upload(artifacts.find_run(p.RUN_NAME), artifacts, p.REPO_ID, dry_run=p.DRY_RUN, private=p.PRIVATE)
+    print(f"{'dry run: wrote' if p.DRY_RUN else 'uploaded to'} {where}")
+
+
+STEPS = {"split": split, "train": train, "generate": generate, "evaluate": evaluate, "predict": predict, "push": push}
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""IU X-Ray studies: `annotation.json` plus `images/<id>/*.{png,jpg,jpeg}`, checked on the way in."""
+"""IU X-Ray studies: `annotation.json` plus `images/<id>/*.{png,jpg,jpeg,dcm}`, checked on the way in."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .dicom import is_dicom, read_dicom
+
 REGIONS = ("lung", "heart", "mediastinal", "bone")  # generated and scored
 ALL_REGIONS = REGIONS + ("others",)  # what a split report holds; 'others' is kept, never trained or scored
 SPLITS = ("train", "val", "test")
-VIEW_SUFFIXES = (".png", ".jpg", ".jpeg")  # IU X-Ray's PNGs and MIMIC-CXR-JPG's JPEGs, in any letter case
-VIEWS = "*.{png,jpg,jpeg}"  # how messages name them
+VIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")  # IU X-Ray's PNGs, MIMIC-CXR-JPG's JPEGs, DICOM; any letter case
+VIEWS = "*.{png,jpg,jpeg,dcm}"  # how messages name them
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit grayscale, in each byte order PIL has
 
 
@@ -100,7 +102,7 @@ def load_studies(data_dir: str | Path, strict: bool = False, annotation_path: st
 
     `annotation_path` reads another annotation against the same images (e.g. notebook 01's
     `annotation_with_val.json`); `data_dir/annotation.json` is checked first, so a problem in the user's own file
-    is named there and not in the derived copy. A study's views are its folder's PNG and JPEG files in file-name
+    is named there and not in the derived copy. A study's views are its folder's PNG, JPEG and DICOM files in file-name
     order (`_view_order`); anything else there is counted in one warning. Studies without images are skipped with a
     warning naming them (`strict=True` raises instead). `require_images`: the split(s) a step needs; a DataError if
     one of them has no study with images (a missing or misplaced images folder), rather than a failure later on an
@@ -116,7 +118,7 @@ def load_studies(data_dir: str | Path, strict: bool = False, annotation_path: st
     for study in studies:
         study.image_paths, others = _list_views(data_dir / "images" / study.id)
         ignored += others
-    if ignored:  # before any error below: a folder of .dcm files explains why a split has no images
+    if ignored:  # before any error below: a folder of .tif files explains why a split has no images
         warnings.warn(f"{data_dir / 'images'}: {len(ignored)} files or folders in study folders are not views "
                       f"(only {VIEWS}, not hidden) and were ignored, e.g. {', '.join(map(str, ignored[:3]))}",
                       stacklevel=2)
@@ -161,12 +163,16 @@ def _list_views(folder: Path) -> tuple[list[Path], list[Path]]:
 def open_image(path: str | Path, study_id: str) -> Image.Image:
     """An RGB image, with 8 bits per channel; a file it cannot read or scale raises a DataError naming it and its study.
 
+    DICOM (a `.dcm` file, or any file with DICOM's marker) goes through `dicom.read_dicom`: rescale, VOI LUT or
+    window, MONOCHROME1 inverted; multi-frame files and compressed ones without an installed decoder are refused.
     8-bit modes (L, P, RGB, RGBA, LA, CMYK, ...) convert as PIL does. 16-bit grayscale, common in DICOM exports, is
     scaled by its bit depth, value * 255 / 65535, where PIL's convert would clip every value above 255 to white.
     Pillow 13 opens such a PNG as I;16, older releases as I (32-bit), which in a PNG comes only from 16-bit grayscale.
     An I image of another format, and float F, have no known value range: refused rather than guessed.
     """
     try:
+        if Path(path).suffix.lower() == ".dcm" or is_dicom(path):
+            return read_dicom(path)
         with Image.open(path) as image:
             if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
                 levels = np.asarray(image, dtype=np.uint32)
@@ -176,7 +182,9 @@ def open_image(path: str | Path, study_id: str) -> Image.Image:
                 raise DataError(f"{path}: study {study_id}: cannot scale a {image.format} image of mode {image.mode} "
                                 f"to 8 bits (its value range is unknown); save it as an 8- or 16-bit PNG")
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: study {study_id}: not an image (neither PNG, JPEG nor DICOM)") from None
+    except (OSError, ValueError) as e:  # ValueError: dicom.read_dicom's refusals
         raise DataError(f"{path}: study {study_id}: cannot read image ({e})") from None
 
 

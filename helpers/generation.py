@@ -132,8 +132,12 @@ def sample_batch(model, processor, views: list[list], *, n: int, temperature: fl
 
 
 def generate_split(model, processor, studies, out_path: str | Path, *, max_views: int, batch_size: int = 8,
-                   max_new_tokens: int = 256, num_beams: int = 1, repetition_penalty: float = 1.0) -> dict:
+                   max_new_tokens: int = 256, num_beams: int = 1, repetition_penalty: float = 1.0,
+                   views=None) -> dict:
     """Generate for every study not yet in `out_path`, appending one batch at a time; returns speed figures.
+
+    `views(study)`: the images to generate from, by default the study's own first `max_views` (the grounding check,
+    helpers/grounding.py, replaces them).
 
     `batch_size` is where it starts: it halves on CUDA out-of-memory (the batch is redone, nothing lost). Under
     `torchrun` / `accelerate launch` the batches are spread over the processes (`storage.run_sharded`); the figures
@@ -145,8 +149,10 @@ def generate_split(model, processor, studies, out_path: str | Path, *, max_views
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
+    views = views or (lambda study: study_images(study, max_views))
+
     def generate(batch):
-        return generate_batch(model, processor, [study_images(s, max_views) for s in batch], [s.id for s in batch],
+        return generate_batch(model, processor, [views(s) for s in batch], [s.id for s in batch],
                               max_new_tokens=max_new_tokens, num_beams=num_beams,
                               repetition_penalty=repetition_penalty)
 

@@ -91,8 +91,9 @@ def _overlay(ax, image, heat, title: str):
     return shown
 
 
-def plot_heatmaps(analysis: dict, path, layers: str = "all layers"):
-    """Rows = regions, columns = views: attention on the base tile stretched over the X-ray (sums to 1 per map)."""
+def plot_heatmaps(analysis: dict, path, layers: str = "all layers", first_view: int = 1):
+    """Rows = regions, columns = views (numbered from `first_view`): attention on the base tile stretched over the
+    X-ray (sums to 1 per map)."""
     maps, views = analysis["heatmaps"], analysis["views"]
     if not maps:
         fig, ax = plt.subplots(figsize=(4, 2))
@@ -102,9 +103,10 @@ def plot_heatmaps(analysis: dict, path, layers: str = "all layers"):
     fig, axes = plt.subplots(len(maps), len(views), figsize=(2.8 * len(views) + 0.6, 2.6 * len(maps)), squeeze=False)
     for row, (region, per_view) in enumerate(maps.items()):
         for col, (heat, image) in enumerate(zip(per_view, views)):
-            shown = _overlay(axes[row, col], image, heat, f"{region} · view {col + 1}")
+            shown = _overlay(axes[row, col], image, heat, f"{region} · view {col + first_view}")
         fig.colorbar(shown, ax=axes[row, -1], fraction=0.046, label="attention share")
-    fig.suptitle(f"{analysis['id']}: attention on the base tile, mean over {layers}", fontsize=9)
+    fig.suptitle(textwrap.fill(f"{analysis['id']}: attention on the base tile, mean over {layers}",  # one view: narrow
+                               int(fig.get_figwidth() * 12)), fontsize=9)
     return _save(fig, path)
 
 

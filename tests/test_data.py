@@ -124,13 +124,13 @@ def test_no_images_for_a_required_split_is_an_error_naming_where_they_belong(tmp
         load_studies(data, require_images="train")
     assert str(error.value) == (
         f"{data / 'images'}: none of the 1 train studies has images (3 of the 3 studies in {data / 'annotation.json'} "
-        f"lack them); expected <DATA_DIR>/images/<id>/*.{{png,jpg,jpeg}}, "
-        f"e.g. {data / 'images' / 'a'}/*.{{png,jpg,jpeg}}; {data / 'images'} is missing or empty")
+        f"lack them); expected <DATA_DIR>/images/<id>/*.{{png,jpg,jpeg,dcm}}, "
+        f"e.g. {data / 'images' / 'a'}/*.{{png,jpg,jpeg,dcm}}; {data / 'images'} is missing or empty")
 
 
 def test_a_nested_images_folder_is_shown_when_no_study_has_images(tmp_path):
     data = make_data(tmp_path, MINIMAL, ["images/a"])  # unzipped one level too deep
-    views = r"/\*\.\{png,jpg,jpeg\}"
+    views = r"/\*\.\{png,jpg,jpeg,dcm\}"
     with pytest.raises(DataError, match=rf"none of the 1 val / 1 test studies has images .* e\.g\. .*images/b{views} "
                                         rf"or .*images/c{views}; .*images holds e\.g\. images$"):
         load_studies(data, require_images=("val", "test"))
@@ -149,7 +149,7 @@ def test_corrupt_png_is_reported_with_file_and_study(tmp_path):
     (data / "images" / "b" / "0.png").write_bytes(b"not a png")
     studies = load_studies(data)
     bad = next(s for s in studies if s.id == "b")
-    with pytest.raises(DataError, match=r"b/0.png: study b: cannot read image"):
+    with pytest.raises(DataError, match=r"b/0.png: study b: not an image \(neither PNG, JPEG nor DICOM\)"):
         study_images(bad)
     with pytest.warns(UserWarning, match=r"1 studies skipped for unreadable images"):
         assert [s.id for s in readable_studies(studies)] == ["a", "c"]
@@ -207,17 +207,17 @@ def test_jpeg_views_load_in_natural_file_name_order(tmp_path):
 def test_other_files_in_study_folders_are_counted_in_one_warning_and_not_loaded(tmp_path):
     data = make_data(tmp_path, MINIMAL, ["a", "b"])
     images = data / "images"
-    for name in ("notes.txt", "0.dcm", ".DS_Store", "._0.png"):  # ._0.png: a macOS resource fork, not an image
+    for name in ("notes.txt", "0.tif", ".DS_Store", "._0.png"):  # ._0.png: a macOS resource fork, not an image
         (images / "a" / name).write_bytes(b"not a view")
     (images / "a" / "lateral").mkdir()
     (images / "c").mkdir()
-    (images / "c" / "0.dcm").write_bytes(b"DICOM")  # only a DICOM file: the study has no views
+    (images / "c" / "0.tif").write_bytes(b"TIFF")  # only a TIFF file: the study has no views
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         studies = load_studies(data)
     ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
     assert len(ignored) == 1 and ignored[0].startswith(f"{images}: 6 files or folders in study folders are not views")
-    assert ignored[0].endswith(f"e.g. {images / 'a' / '0.dcm'}, {images / 'a' / '.DS_Store'}, "
+    assert ignored[0].endswith(f"e.g. {images / 'a' / '0.tif'}, {images / 'a' / '.DS_Store'}, "
                                f"{images / 'a' / '._0.png'}")
     assert any("skipped: c" in str(w.message) for w in caught)
     assert {s.id: [p.name for p in s.image_paths] for s in studies} == {"a": ["0.png"], "b": ["0.png"]}

@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pytest
+from test_report import check_demo_report
 
 from helpers import commands, demo_models, modeling, reports, runs, smoke
 from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
@@ -57,6 +58,7 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir):
     assert len(nlg) == 4 * 2 * 5 and nlg["BLEU-1"].notna().any()  # systems x splits x (regions + whole report)
     check_clinical(artifacts.compare_dir)
     check_preference(artifacts)
+    check_demo_report(artifacts)  # eval/compare/report.md and grounding.csv (tests/test_report.py)
     check_smoke_chain(tmp_path, mode)  # the smoke chain beside the real runs, into the same folder
 
 
