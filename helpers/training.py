@@ -97,7 +97,7 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
                          f"preference stage, and only with one")
     n_processes = processes().num_processes
     model_config = AutoConfig.from_pretrained(model_id, token=get_secret("HF_TOKEN"))
-    config = {"model_id": str(model_id), "profile": settings.profile, "preset": preset,
+    config = {"model_id": str(model_id), "profile": settings.profile, "gpu_name": settings.gpu_name, "preset": preset,
               "precision": settings.precision,
               "load_in_4bit": settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
               "visual_tokens": visual_tokens or settings.visual_tokens, "batch_size": settings.batch_size,
