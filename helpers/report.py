@@ -81,7 +81,8 @@ def method(run) -> str:
             "effective batch": f"{effective} ({config['batch_size']} x {config['grad_accum']} accumulation x "
                                f"{config.get('processes', 1)} processes)",
             "precision": config["precision"], "4-bit base": config["load_in_4bit"],
-            "GPU": config.get("gpu_name") or metrics.get("gpu_name") or "not recorded in config.json",
+            # each stage records the GPU it ran on (a run may resume on another); the CPU: None
+            "GPU": ", ".join(dict.fromkeys(r.get("gpu") or "none (CPU)" for r in metrics["stages"])) or "n/a",
             "train studies": config.get("n_train", "n/a"), "held-out studies": len(config.get("holdout_ids", []))}
     head = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
     stages = pd.DataFrame([{"stage": f"{r['stage']}: {r['name']}", "epochs": r.get("epochs"), "lr": r.get("lr"),

@@ -23,7 +23,7 @@ from .metrics import nlg_metrics
 from .modeling import load_model_and_processor, training_chat_template, vision_layers_used
 from .preference_stage import generate_candidates, make_preference_pairs, preference_datasets, preference_studies
 from .reports import INSTRUCTION, whole_report
-from .settings import get_secret, peak_gpu_memory_gb, processes, torch_dtype
+from .settings import get_secret, gpu, peak_gpu_memory_gb, processes, torch_dtype
 from .storage import atomic_write_json, free_gpu_memory, open_store, run_sharded
 from .train_data import build_dataset
 from .trainer_config import (check_memory, dpo_config, lora_config, make_trainer, mixed_precision, set_trainable,
@@ -97,7 +97,7 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
                          f"preference stage, and only with one")
     n_processes = processes().num_processes
     model_config = AutoConfig.from_pretrained(model_id, token=get_secret("HF_TOKEN"))
-    config = {"model_id": str(model_id), "profile": settings.profile, "gpu_name": settings.gpu_name, "preset": preset,
+    config = {"model_id": str(model_id), "profile": settings.profile, "preset": preset,
               "precision": settings.precision,
               "load_in_4bit": settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
               "visual_tokens": visual_tokens or settings.visual_tokens, "batch_size": settings.batch_size,
@@ -299,7 +299,7 @@ def _stage_record(index: int, stage: dict, counts: dict, trainer_state, resumed_
     # samples of this session: optimizer steps x batch per process x accumulation x processes
     samples = (trainer_state.global_step - resumed_from) * config["batch_size"] * config["grad_accum"] * n_processes
     return {"stage": index + 1, **stage, "trainable": counts, "global_step": trainer_state.global_step,
-            "resumed_from_step": resumed_from, "processes": n_processes, "seconds": round(seconds, 1),
+            "resumed_from_step": resumed_from, "processes": n_processes, "gpu": gpu()[0], "seconds": round(seconds, 1),
             "samples_per_second": round(samples / seconds, 3), "peak_gpu_memory_gb": peak_gpu_memory_gb(),
             "best_eval_loss": trainer_state.best_metric,
             "best_checkpoint": trainer_state.best_model_checkpoint and Path(trainer_state.best_model_checkpoint).name,
