@@ -180,7 +180,7 @@ class Judge:
         self.model = self.tokenizer = self.runner = self.server = None
         served_by = None
         if engine == "server" and url:  # before any work: a URL that does not answer is refused here
-            self.runner = judge_engines.ServerEngine(url, model_id, concurrency=concurrency)
+            self.runner = judge_engines.ServerEngine(url, concurrency=concurrency)
             served_by = self.runner.flavor
         elif engine == "server":
             served_by = f"vLLM {judge_server.VLLM_VERSION}" if torch.cuda.is_available() else "transformers serve"
@@ -217,8 +217,7 @@ class Judge:
                 self.server = judge_server.transformers_serve(self.model_id, self.tokenizer, workdir,
                                                               dtype=str(self.dtype).removeprefix("torch."),
                                                               load_in_4bit=self.load_in_4bit)
-            model = self.model_id if torch.cuda.is_available() else str(workdir / "served-judge")
-            self.runner = judge_engines.ServerEngine(self.server.url, model, concurrency=self.concurrency)
+            self.runner = judge_engines.ServerEngine(self.server.url, concurrency=self.concurrency)
 
     def judge(self, pairs: list[tuple[str, str]]) -> list[dict]:
         """One cached record per (reference, candidate) pair, in order; identical pairs are judged once.

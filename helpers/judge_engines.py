@@ -119,12 +119,12 @@ class ServerEngine:
     """
     name = "server"
 
-    def __init__(self, url: str, model: str, *, concurrency: int = 16, timeout: float = 600, max_retries: int = 5,
+    def __init__(self, url: str, *, concurrency: int = 16, timeout: float = 600, max_retries: int = 5,
                  api_key: str | None = None):
         import httpx
         import openai
 
-        self.url, self.model, self.concurrency = url.rstrip("/"), model, concurrency
+        self.url, self.concurrency = url.rstrip("/"), concurrency
         self.chunk_size = concurrency * REQUESTS_PER_WORKER
         self.http = httpx.Client(timeout=10)
         self.flavor = self.preflight()
@@ -168,8 +168,9 @@ class ServerEngine:
         if self.stopped:
             return Failed(self.stopped)
         try:
+            # no model named: the server's one model answers (transformers serve refuses any name but its own)
             completion = self.client.completions.create(
-                model=self.model, prompt=prompt_ids if self.takes_token_ids else text, max_tokens=budget,
+                model=openai.NOT_GIVEN, prompt=prompt_ids if self.takes_token_ids else text, max_tokens=budget,
                 temperature=0, extra_body={"return_token_ids": True} if self.takes_token_ids else None)
         except openai.APIStatusError as error:
             if error.status_code in (400, 401, 403, 404, 422):  # a wrong request: every pair would fail alike

@@ -95,11 +95,14 @@ def transformers_serve(model_dir: str | Path, tokenizer, workdir: Path, *, dtype
     """`transformers serve` on a local judge (greedy by request, one sequence at a time as `generate` runs it)."""
     port = port or free_port()
     served = served_judge_dir(model_dir, tokenizer, Path(workdir) / "served-judge")
-    command = [str(TRANSFORMERS_CLI), "serve", str(served), "--host", "127.0.0.1", "--port", str(port),
+    return ServerProcess(transformers_serve_command(served, port, dtype, load_in_4bit), port,
+                         Path(workdir) / "transformers_serve.log").wait_ready(timeout)
+
+
+def transformers_serve_command(served_dir: Path, port: int, dtype: str, load_in_4bit: bool = False) -> list[str]:
+    command = [str(TRANSFORMERS_CLI), "serve", str(served_dir), "--host", "127.0.0.1", "--port", str(port),
                "--dtype", dtype, "--device", "cuda:0" if _has_gpu() else "cpu", "--log-level", "info"]
-    if load_in_4bit:
-        command += ["--quantization", "bnb-4bit"]
-    return ServerProcess(command, port, Path(workdir) / "transformers_serve.log").wait_ready(timeout)
+    return command + (["--quantization", "bnb-4bit"] if load_in_4bit else [])
 
 
 def vllm_command(model_id: str, port: int, *, load_in_4bit: bool, python_bin: Path = VLLM_VENV / "bin") -> list[str]:
@@ -137,3 +140,26 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    """`python -m helpers.judge_server MODEL_DIR --port 8000`: `transformers serve` on a judge prepared as the project
+    serves it (`served_judge_dir`), in the foreground until Ctrl-C; then JUDGE_URL=http://127.0.0.1:8000."""
+    import argparse
+
+    from .judge import load_tokenizer
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="float32", help="float32 on the CPU; float16 as GREEN runs on a GPU")
+    parser.add_argument("--workdir", default="artifacts/judge_server")
+    args = parser.parse_args(argv)
+    served = served_judge_dir(args.model_dir, load_tokenizer(args.model_dir), Path(args.workdir) / "served-judge")
+    command = transformers_serve_command(served, args.port, args.dtype)
+    print(" ".join(command), flush=True)
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
