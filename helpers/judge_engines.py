@@ -40,7 +40,7 @@ def kv_bytes_per_token(config, dtype) -> int:
 
 
 class ContinuousEngine:
-    """transformers' continuous batching (`paged|sdpa` attention; flash attention where installed) on the judge.
+    """transformers' continuous batching on the judge (paged sdpa attention; flash attention where installed).
 
     On a GPU the library sizes the paged cache from the free memory after the weights (its `max_memory_percent`); a
     sequence that cannot fit even alone is refused before any work (`check_fits`). On the CPU, where the library would
@@ -51,8 +51,7 @@ class ContinuousEngine:
     def __init__(self, model, eos_token_id: int, pad_token_id: int):
         from transformers import GenerationConfig
 
-        self.model = model
-        self.model.set_attn_implementation("paged|sdpa")
+        self.model = model  # the library switches its attention to a paged one while it runs, and back after
         self.generation_config = GenerationConfig(do_sample=False, eos_token_id=eos_token_id,
                                                   pad_token_id=pad_token_id)
         self.chunk_size = CONTINUOUS_CHUNK
