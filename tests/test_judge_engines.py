@@ -12,10 +12,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 
 from helpers import data, green, judge, judge_engines, judge_server, settings
-from helpers.data import REGIONS, Study
+from helpers.data import REGIONS
 from helpers.storage import JsonlStore
 
 MAX_NEW_TOKENS = settings.PROFILES["demo"]["judge_max_new_tokens"]
