@@ -137,7 +137,8 @@ def train(p, settings, artifacts) -> None:
         fit, held = smoke.training_studies(fit + held, p.HOLDOUT_FRACTION)
     preference, judge = training.preference_inputs(settings, artifacts, p.PRESET, candidates=p.DPO_CANDIDATES,
                                                    studies=p.DPO_STUDIES, beta=p.DPO_BETA,
-                                                   judge_model_id=p.JUDGE_MODEL_ID)
+                                                   judge_model_id=p.JUDGE_MODEL_ID, judge_engine=p.JUDGE_ENGINE,
+                                                   judge_url=p.JUDGE_URL)
     config = training.make_config(settings, model_id=model_id, preset=p.PRESET, epochs=p.EPOCHS,
                                   max_views=p.MAX_VIEWS, visual_tokens=visual_tokens, load_in_4bit=p.LOAD_IN_4BIT,
                                   lora_r=p.LORA_R, lora_alpha=2 * p.LORA_R, preference=preference, **budget,
@@ -200,6 +201,7 @@ def evaluate(p, settings, artifacts) -> None:
                                 reference_run=smoke.run_name(p.REFERENCE_RUN, p.SMOKE),
                                 judge_model_id=p.JUDGE_MODEL_ID, judge_4bit=p.JUDGE_4BIT,
                                 judge_batch_size=p.JUDGE_BATCH_SIZE, judge_max_new_tokens=p.JUDGE_MAX_NEW_TOKENS,
+                                judge_engine=p.JUDGE_ENGINE, judge_url=p.JUDGE_URL,
                                 base_model_id=p.BASE_MODEL_ID, max_views=p.MAX_VIEWS)
     print(plan)
     all_refs = evaluation.references(settings, artifacts, studies)
@@ -218,7 +220,7 @@ def evaluate(p, settings, artifacts) -> None:
         print("wrote", path)
     stats = green.region_stats(frame)
     tables = green.tables_by_system(frame, stats, p.N_BOOT, p.SEED)
-    print(evaluation.tables_in_words(tables, stats, plan))
+    print(evaluation.tables_in_words(tables, stats, plan, judge))
     diff = green.paired_differences(frame, plan.runs, plan.reference_run, p.N_BOOT, p.SEED)
     print(green.differences_in_words(diff))
     nlg = metrics.nlg_table(systems, refs, meteor=p.METEOR)

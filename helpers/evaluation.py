@@ -11,7 +11,7 @@ from . import baselines, clinical, demo_models, plots
 from .data import DataError, by_split, load_studies
 from .generation import load_predictions
 from .green import COLUMNS as GREEN_COLUMNS, PROTOCOL, SCORED, compare_table, markdown_table, paired_differences
-from .judge import Judge, judge_label
+from .judge import DEFAULT_ENGINE, Judge
 from .modeling import load_model_and_processor
 from .reports import REPORT, whole_report
 from .runs import SPLIT_NAMES
@@ -29,6 +29,8 @@ class Plan:
     judge_4bit: bool
     judge_batch_size: int
     judge_max_new_tokens: int
+    judge_engine: str  # "static" | "continuous" | "server" (judge.ENGINES)
+    judge_url: str | None  # the server's, for "server"; None: started here (vLLM on a GPU)
     base_model_id: str  # retrieval embeddings
     retrieval_4bit: bool
     max_views: int
@@ -38,7 +40,8 @@ class Plan:
 
 
 def make_plan(settings, artifacts, studies, *, run_names=None, reference_run=None, judge_model_id=None, judge_4bit=None,
-         judge_batch_size=None, judge_max_new_tokens=None, base_model_id=None, max_views=None) -> Plan:
+         judge_batch_size=None, judge_max_new_tokens=None, judge_engine=None, judge_url=None, base_model_id=None,
+         max_views=None) -> Plan:
     """Runs to compare (None: every run with predictions), the judge and the retrieval model (None: the first run's
     base model; in the demo the tiny stand-ins), from the settings where not given."""
     compared = artifacts.find_runs(run_names)
@@ -49,6 +52,7 @@ def make_plan(settings, artifacts, studies, *, run_names=None, reference_run=Non
                 judge_4bit=settings.judge_4bit if judge_4bit is None else judge_4bit,
                 judge_batch_size=judge_batch_size or settings.judge_batch_size,
                 judge_max_new_tokens=judge_max_new_tokens or settings.judge_max_new_tokens,
+                judge_engine=judge_engine or DEFAULT_ENGINE, judge_url=judge_url,
                 base_model_id=demo_models.llava_id(settings, artifacts, studies, base_model_id or first.get("model_id")),
                 retrieval_4bit=settings.inference_4bit,
                 max_views=max_views or first.get("max_views", 3))
@@ -110,7 +114,7 @@ def clinical_metrics(settings, artifacts, studies, systems: dict, references: di
 def make_judge(artifacts, plan: Plan) -> Judge:
     return Judge(plan.judge_model_id, artifacts.judge_cache, load_in_4bit=plan.judge_4bit,
                  dtype=torch_dtype(plan.judge_precision), token=get_secret("HF_TOKEN"), batch_size=plan.judge_batch_size,
-                 max_new_tokens=plan.judge_max_new_tokens)
+                 max_new_tokens=plan.judge_max_new_tokens, engine=plan.judge_engine, url=plan.judge_url)
 
 
 def judge_speed(judge: Judge) -> str:
@@ -122,15 +126,14 @@ def judge_speed(judge: Judge) -> str:
             f"(all runs)")
 
 
-def tables_in_words(tables: dict, stats, plan: Plan) -> str:
+def tables_in_words(tables: dict, stats, plan: Plan, judge: Judge) -> str:
     """The protocol, then each system's GREEN table (markdown, 95% intervals) with its counts and the judge's
     precision beside its id."""
     parts = [PROTOCOL]
-    judge = judge_label(plan.judge_model_id, plan.judge_4bit, torch_dtype(plan.judge_precision))
     for system, (table, ci) in tables.items():
         kind = "run" if system in plan.runs else "baseline"
         scored = stats[stats.system == system]
-        parts.append(f"### {system} ({kind}), judge {judge}: {scored.studies.max()} studies per "
+        parts.append(f"### {system} ({kind}), judge {judge.label}: {scored.studies.max()} studies per "
                      f"split, {scored.scored.sum()} pairs scored, {scored.unparseable.sum()} unparseable answers\n\n"
                      + markdown_table(table, ci))
     return "\n\n".join(parts)

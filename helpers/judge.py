@@ -9,16 +9,23 @@ measured on the CPU machine), and the demo model builders import this module wit
 from __future__ import annotations
 
 import time
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .lm import greedy_generate, left_padded, load_causal_lm
+from . import judge_engines, judge_server
+from .judge_engines import Failed
+from .lm import greedy_generate, left_padded, load_weights
 from .settings import GREEN_TOKEN_BUDGET as GREEN_MAX_LENGTH
 from .storage import free_gpu_memory, open_store, run_sharded, sha256
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-RadLlama2-7b"
+ENGINES = ("static", "continuous", "server")
+# continuous batching: the answers of the static loop in every profile's numerics (tests/test_judge_engines.py), faster
+DEFAULT_ENGINE = "continuous"
 ERROR_CATEGORIES = ("a", "b", "c", "d", "e", "f")  # GREEN's clinically significant error types, in its order
 # GREEN sets this template on its tokenizer inside GREEN.__init__ (a local variable there, not importable);
 # a test checks that it equals what the shipped class sets.
@@ -53,11 +60,14 @@ def judge_dtype(dtype=None):
     return dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
 
 
-def judge_label(model_id: str, load_in_4bit: bool = False, dtype=None) -> str:
-    """The judge as tables name it and the cache keys it: its id and precision, since a 4-bit or bf16 judge
-    answers differently from GREEN's fp16 one."""
+def judge_label(model_id: str, load_in_4bit: bool = False, dtype=None, served_by: str | None = None) -> str:
+    """The judge as tables name it and the cache keys it: its id and precision, since a 4-bit or bf16 judge answers
+    differently from GREEN's fp16 one, and the server software when a server answers (its kernels differ from ours).
+    The in-process engines share a label: continuous batching gave static's answers in every profile's numerics
+    (tests/test_judge_engines.py)."""
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[judge_dtype(dtype)]
-    return f"{model_id} ({f'4-bit nf4, {precision} compute' if load_in_4bit else precision})"
+    precision = f"4-bit nf4, {precision} compute" if load_in_4bit else precision
+    return f"{model_id} ({precision}{f', {served_by}' if served_by else ''})"
 
 
 def score_response(response: str) -> dict:
@@ -75,19 +85,23 @@ def score_response(response: str) -> dict:
             "errors": dict(zip(ERROR_CATEGORIES, counts[:6])), "matched": counts[6]}
 
 
-def load_judge(model_id: str = DEFAULT_JUDGE, *, load_in_4bit: bool = False, dtype=None, token: str | None = None):
-    """The judge model and a tokenizer set up exactly as GREEN.__init__ does (EOS appended, left padding, pad = EOS,
-    its chat template), in GREEN's fp16 unless told otherwise (`judge_dtype`), or 4-bit with that compute dtype.
-    """
-    # GREEN's choices: remote code for every judge but Phi; the tokenizer always with remote code
-    model, tokenizer = load_causal_lm(model_id, load_in_4bit=load_in_4bit, dtype=judge_dtype(dtype), token=token,
-                                      model_kwargs={"trust_remote_code": "Phi" not in model_id},
-                                      tokenizer_kwargs={"add_eos_token": True, "use_fast": True,
-                                                        "trust_remote_code": True})
+def load_tokenizer(model_id: str, token: str | None = None):
+    """The judge's tokenizer set up exactly as GREEN.__init__ does: EOS appended, left padding, pad = EOS, its chat
+    template (GREEN loads it with remote code, fast)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_id, token=token, add_eos_token=True, use_fast=True,
+                                              trust_remote_code=True)
     left_padded(tokenizer, tokenizer.eos_token)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.clean_up_tokenization_spaces = True
-    return model, tokenizer
+    return tokenizer
+
+
+def load_judge(model_id: str = DEFAULT_JUDGE, *, load_in_4bit: bool = False, dtype=None, token: str | None = None):
+    """The judge model and GREEN's tokenizer (`load_tokenizer`), in GREEN's fp16 unless told otherwise
+    (`judge_dtype`), or 4-bit with that compute dtype; remote code for every judge but Phi, as GREEN loads them."""
+    model = load_weights(AutoModelForCausalLM, model_id, load_in_4bit=load_in_4bit, dtype=judge_dtype(dtype),
+                         token=token, trust_remote_code="Phi" not in model_id).eval()
+    return model, load_tokenizer(model_id, token)
 
 
 def chat_text(tokenizer, reference: str, candidate: str) -> str:
@@ -95,8 +109,21 @@ def chat_text(tokenizer, reference: str, candidate: str) -> str:
                                          add_generation_prompt=True)
 
 
+def prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The prompts' token ids as the static loop builds them: BOS and GREEN's appended EOS where its tokenizer puts
+    them, cut at GREEN's 2,048 tokens."""
+    return tokenizer(texts, truncation=True, max_length=GREEN_MAX_LENGTH)["input_ids"]
+
+
+def answer_budget(prompt_length: int, max_new_tokens: int) -> int:
+    """New tokens a prompt may get: GREEN's 2,048 in all, at most `max_new_tokens`, at least one (a prompt that fills
+    the budget gets an unparseable, counted answer)."""
+    return max(1, min(max_new_tokens, GREEN_MAX_LENGTH - prompt_length))
+
+
 def generate_responses(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy judge responses for one batch, decoded and cleaned as GREEN.get_response does.
+    """Greedy judge responses for one left-padded batch (the static engine, GREEN's own way), decoded and cleaned
+    as GREEN.get_response does.
 
     GREEN stops at 2,048 tokens in all (prompt + answer); `max_new_tokens` bounds the answer more tightly.
     """
@@ -115,55 +142,133 @@ def generate_responses(model, tokenizer, texts: list[str], max_new_tokens: int) 
     return results
 
 
+def engine_response(tokenizer, prompt: list[int], answer: dict) -> dict:
+    """An engine's answer as `generate_responses` gives it: prompt + answer decoded and cleaned as GREEN does; a
+    server's text follows the decoded prompt (the cut at the last "<|assistant|>" leaves the answer)."""
+    from green_score.utils import clean_responses
+
+    if "token_ids" in answer:
+        text = tokenizer.decode(prompt + answer["token_ids"], skip_special_tokens=True)
+    else:
+        text = tokenizer.decode(prompt, skip_special_tokens=True) + answer["text"]
+    return {"response": clean_responses(text), "n_new_tokens": answer["n_new_tokens"], "truncated": answer["truncated"]}
+
+
+class JudgeFailed(RuntimeError):
+    """Pairs the engine could not judge after its retries: counted and named here, never cached, so a rerun judges
+    only them."""
+
+
 class Judge:
     """GREEN judgments behind an append-only cache keyed by sha256(judge label, reference, candidate): the label
     (`judge_label`) names the precision too, so answers of a 4-bit judge never stand in for fp16 ones.
 
-    The model loads only when some pair is not cached yet, so a finished evaluation reruns without a GPU.
+    `engine`: "static" (GREEN's left-padded batches, the reference), "continuous" (transformers' continuous batching,
+    the same weights) or "server" (an OpenAI-compatible server at `url`; without one, vLLM started on this GPU, or
+    `transformers serve` on the CPU). The model or server starts only when some pair is not cached yet, so a finished
+    evaluation reruns without a GPU (a `url` is still checked first: its software names the label).
     """
     def __init__(self, model_id: str, cache_path: str | Path, *, load_in_4bit: bool = False, dtype=None,
-                 token: str | None = None, batch_size: int = 8, max_new_tokens: int = GREEN_MAX_LENGTH):
+                 token: str | None = None, batch_size: int = 8, max_new_tokens: int = GREEN_MAX_LENGTH,
+                 engine: str = "static", url: str | None = None, concurrency: int = 16):
+        if engine not in ENGINES:
+            raise ValueError(f"JUDGE_ENGINE {engine!r}: choose one of {ENGINES}")
         self.model_id, self.load_in_4bit, self.dtype, self.token = model_id, load_in_4bit, judge_dtype(dtype), token
-        self.label = judge_label(model_id, load_in_4bit, self.dtype)
+        self.engine, self.url, self.concurrency = engine, url, concurrency
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.store = open_store(cache_path, key_field="key")
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.runner = self.server = None
+        served_by = None
+        if engine == "server" and url:  # before any work: a URL that does not answer is refused here
+            self.runner = judge_engines.ServerEngine(url, concurrency=concurrency)
+            served_by = self.runner.flavor
+        elif engine == "server":
+            served_by = f"vLLM {judge_server.VLLM_VERSION}" if torch.cuda.is_available() else "transformers serve"
+        self.label = judge_label(model_id, load_in_4bit, self.dtype, served_by)
 
     def release(self) -> None:
-        """Drop the judge model (the cache stays readable): what loads next has the GPU to itself."""
+        """Drop the judge model and stop a server this judge started (the cache stays readable): what loads next has
+        the GPU to itself."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = self.runner = None
+        if self.engine == "continuous":
+            self.runner = None
         self.model = self.tokenizer = None
         free_gpu_memory()
+
+    def load(self) -> None:
+        """The tokenizer and what answers: the model in process, or the server (started here when there is no url)."""
+        if self.engine != "server":
+            if self.model is None:
+                self.model, self.tokenizer = load_judge(self.model_id, load_in_4bit=self.load_in_4bit,
+                                                        dtype=self.dtype, token=self.token)
+            if self.engine == "continuous" and self.runner is None:
+                self.runner = judge_engines.ContinuousEngine(self.model, self.tokenizer.eos_token_id,
+                                                             self.tokenizer.pad_token_id)
+            return
+        self.tokenizer = self.tokenizer or load_tokenizer(self.model_id, self.token)
+        if self.runner is None:
+            workdir = self.store.path.parent / "judge_server"
+            if torch.cuda.is_available():
+                self.server = judge_server.vllm_serve(self.model_id, workdir, load_in_4bit=self.load_in_4bit,
+                                                      token=self.token)
+            else:
+                self.server = judge_server.transformers_serve(self.model_id, self.tokenizer, workdir,
+                                                              dtype=str(self.dtype).removeprefix("torch."),
+                                                              load_in_4bit=self.load_in_4bit)
+            self.runner = judge_engines.ServerEngine(self.server.url, concurrency=self.concurrency)
 
     def judge(self, pairs: list[tuple[str, str]]) -> list[dict]:
         """One cached record per (reference, candidate) pair, in order; identical pairs are judged once.
 
-        Batches start at `batch_size` and halve on CUDA out-of-memory (the batch is redone, nothing lost). Under
-        `torchrun` / `accelerate launch` the batches are spread over the processes (`storage.run_sharded`), each of
-        which loads the judge on its own GPU.
+        Static batches start at `batch_size` and halve on CUDA out-of-memory (the batch is redone, nothing lost); the
+        other engines take a chunk of pairs at a time and manage their own memory. Under `torchrun` /
+        `accelerate launch` the batches are spread over the processes (`storage.run_sharded`), each with its own
+        judge. Pairs an engine could not answer raise `JudgeFailed` at the end, after the others are cached.
         """
         keys = [judge_key(self.label, reference, candidate) for reference, candidate in pairs]
         unique = dict(zip(keys, pairs))
         todo = [key for key in unique if key not in self.store]
         print(f"judge {self.label}: {len(pairs)} pairs, {len(unique)} unique (dedupe saves "
-              f"{len(pairs) - len(unique)} judge calls), {len(unique) - len(todo)} cached, {len(todo)} to judge")
-        if todo:
-            if self.model is None:
-                self.model, self.tokenizer = load_judge(self.model_id, load_in_4bit=self.load_in_4bit,
-                                                        dtype=self.dtype, token=self.token)
-            texts = {key: chat_text(self.tokenizer, *unique[key]) for key in todo}
-            lengths = {key: len(ids) for key, ids in zip(todo, self.tokenizer(list(texts.values()))["input_ids"])}
-            # longest first: batches pad little, and an out-of-memory error shows in the first batch
-            todo.sort(key=lambda key: -lengths[key])
+              f"{len(pairs) - len(unique)} judge calls), {len(unique) - len(todo)} cached, {len(todo)} to judge "
+              f"({self.engine} engine)")
+        if not todo:
+            return [self.store.get(key) for key in keys]
+        self.load()
+        texts = {key: chat_text(self.tokenizer, *unique[key]) for key in todo}
+        prompts = dict(zip(todo, prompt_ids(self.tokenizer, list(texts.values()))))
+        # longest first: batches pad little, and an out-of-memory error shows in the first batch
+        todo.sort(key=lambda key: -len(prompts[key]))
+        failures = {}
 
-            def judge_batch(batch):
-                start = time.time()
-                results = generate_responses(self.model, self.tokenizer, [texts[k] for k in batch], self.max_new_tokens)
-                seconds = (time.time() - start) / len(batch)
-                return [{"key": key, "judge": self.label, "reference": unique[key][0], "candidate": unique[key][1],
-                         "max_new_tokens": self.max_new_tokens, "seconds": round(seconds, 3), **result}
-                        for key, result in zip(batch, results)]
+        def judge_batch(batch):
+            start = time.time()
+            if self.engine == "static":
+                answers = generate_responses(self.model, self.tokenizer, [texts[k] for k in batch], self.max_new_tokens)
+            else:
+                answers = self.runner.answer([prompts[k] for k in batch],
+                                             [answer_budget(len(prompts[k]), self.max_new_tokens) for k in batch],
+                                             [texts[k] for k in batch])
+                answers = [a if isinstance(a, Failed) else engine_response(self.tokenizer, prompts[k], a)
+                           for k, a in zip(batch, answers)]
+            seconds = (time.time() - start) / len(batch)
+            failures.update((k, a.reason) for k, a in zip(batch, answers) if isinstance(a, Failed))
+            return [{"key": key, "judge": self.label, "reference": unique[key][0], "candidate": unique[key][1],
+                     "max_new_tokens": self.max_new_tokens, "engine": self.engine, "seconds": round(seconds, 3),
+                     **answer} for key, answer in zip(batch, answers) if not isinstance(answer, Failed)]
 
-            self.store, run = run_sharded(self.store, todo, lambda key: key, judge_batch, batch_size=self.batch_size,
-                                          desc="GREEN judge", unit="pair")
+        self.store, run = run_sharded(self.store, todo, lambda key: key, judge_batch, unit="pair",
+                                      batch_size=self.batch_size if self.engine == "static" else self.runner.chunk_size,
+                                      desc=f"GREEN judge ({self.engine})")
+        if self.engine == "static":
             self.batch_size = run["batch_size"]  # what fitted: the next call starts there
+        if failures:
+            reasons = Counter(failures.values())
+            died = "" if self.server is None or self.server.process.poll() is None else (
+                f"\nthe judge server died; last lines of {self.server.log_path}:\n{self.server.log_tail()}")
+            raise JudgeFailed(f"GREEN judge: {len(failures)} of {len(todo)} pairs failed and were not cached ("
+                              + "; ".join(f"{n} x {why}" for why, n in reasons.most_common()) + f"); the other "
+                              f"{len(todo) - len(failures)} are cached in {self.store.path}: rerun to judge only the "
+                              f"{len(failures)} missing{died}")
         return [self.store.get(key) for key in keys]

@@ -12,7 +12,7 @@ import math
 import statistics
 
 from .data import REGIONS, load_studies
-from .judge import Judge, score_response
+from .judge import DEFAULT_ENGINE, Judge, score_response
 from .settings import torch_dtype
 from .storage import atomic_write_text
 
@@ -30,8 +30,10 @@ def preference_settings(*, candidates: int = CANDIDATES, studies: int | None = N
             "min_gap": MIN_GAP, "length_margin": LENGTH_MARGIN, "judge": judge}
 
 
-def make_judge(settings, artifacts, model_id: str | None = None) -> Judge:
-    """The GREEN judge notebook 04 uses, with its cache and the settings' precision (demo: the tiny judge)."""
+def make_judge(settings, artifacts, model_id: str | None = None, engine: str | None = None,
+               url: str | None = None) -> Judge:
+    """The GREEN judge notebook 04 uses, with its cache, the settings' precision and the engine (None: the default,
+    `judge.DEFAULT_ENGINE`; demo: the tiny judge)."""
     from .demo_models import judge_id  # builds the demo judge; imports the stand-ins' libraries
     from .settings import get_secret
 
@@ -39,7 +41,7 @@ def make_judge(settings, artifacts, model_id: str | None = None) -> Judge:
     return Judge(judge_id(settings, artifacts, studies, model_id), artifacts.judge_cache,
                  load_in_4bit=settings.judge_4bit, dtype=torch_dtype(settings.judge_precision),
                  token=get_secret("HF_TOKEN"), batch_size=settings.judge_batch_size,
-                 max_new_tokens=settings.judge_max_new_tokens)
+                 max_new_tokens=settings.judge_max_new_tokens, engine=engine or DEFAULT_ENGINE, url=url)
 
 
 def needs_judge(reference: str, candidate: str) -> bool:
@@ -157,25 +159,48 @@ def lengths_table(summary: dict):
 
 
 # ---------------------------------------------------------------- computed cost
-# Public specifications: memory bandwidth (GB/s) and dense 16-bit tensor throughput (TFLOPS); the utilisations are
-# assumptions of this table, typical of HF generate and of LoRA training, not measurements.
+# Public specifications: memory bandwidth (GB/s), dense 16-bit tensor throughput (TFLOPS) and memory (GB); the
+# utilisations are assumptions of this table, typical of HF generate and of LoRA training, not measurements.
 # Weights read per decoding step (GB) as the profiles load them, and the profiles' judge batch.
-GPUS = {"T4": {"bandwidth": 320, "tflops": 65, "weights_gb": 4.2, "judge_gb": 3.9, "judge_batch": 8},  # 4-bit
-        "A100-40GB": {"bandwidth": 1555, "tflops": 312, "weights_gb": 15.1, "judge_gb": 13.5, "judge_batch": 16}}
+GPUS = {"T4": {"bandwidth": 320, "tflops": 65, "memory_gb": 15, "weights_gb": 4.2, "judge_gb": 3.9,  # 4-bit
+               "judge_batch": 8},
+        "A100-40GB": {"bandwidth": 1555, "tflops": 312, "memory_gb": 40, "weights_gb": 15.1, "judge_gb": 13.5,
+                      "judge_batch": 16}}
 DECODE_UTILISATION, COMPUTE_UTILISATION = 0.5, 0.3
 PARAMS, JUDGE_PARAMS = 7.6e9, 6.7e9  # llava-v1.6-mistral-7b, GREEN-RadLlama2-7b
 PROMPT_TOKENS, REPORT_TOKENS = 1770, 80  # three base-mode views (3 x 576) + instruction; a report, generous
-JUDGE_PROMPT_TOKENS, JUDGE_ANSWER_TOKENS = 700, 250  # GREEN's prompt with two region texts; its answer
+JUDGE_PROMPT_TOKENS, JUDGE_ANSWER_TOKENS = 700, 250  # GREEN's prompt with two region texts; its mean answer
+JUDGE_LONGEST_ANSWER = 600  # GREEN's answers run from about 100 to 600 tokens: a static batch decodes its longest
+JUDGE_KV_GB_PER_TOKEN = 0.000524  # Llama-2-7B in fp16: 2 x 32 layers x 4,096 x 2 bytes
 JUDGED_REGIONS = 2.5  # region pairs per candidate with text on both sides (lung and heart nearly always)
 STUDIES = (2069, 500, 100)
 
 
-def cost_table(studies=STUDIES, candidates: int = CANDIDATES, gpus: dict = GPUS):
+def judge_seconds_per_pair(gpu: dict) -> dict[str, float]:
+    """Computed seconds per judged pair of each engine: prefill compute-bound; a decoding step reads the weights and
+    the running sequences' KV cache. Static: `judge_batch` pairs decode until the longest answer ends. Continuous
+    batching (in process, or a vLLM server: same bound, kernels aside): finished answers leave and new pairs join,
+    so each pair costs its mean answer, with as many sequences running as the memory beside the weights holds (1 GB
+    kept for the context and activations)."""
+    flops = gpu["tflops"] * 1e12 * COMPUTE_UTILISATION
+    prefill = 2 * JUDGE_PARAMS * JUDGE_PROMPT_TOKENS / flops
+    kv_gb = lambda tokens: tokens * JUDGE_KV_GB_PER_TOKEN
+    step = lambda gb: gb / (gpu["bandwidth"] * DECODE_UTILISATION)
+    batch = gpu["judge_batch"]
+    static = JUDGE_LONGEST_ANSWER * step(gpu["judge_gb"] + batch * kv_gb(JUDGE_PROMPT_TOKENS + JUDGE_LONGEST_ANSWER / 2))
+    running = int((gpu["memory_gb"] - gpu["judge_gb"] - 1) / kv_gb(JUDGE_PROMPT_TOKENS + JUDGE_ANSWER_TOKENS))
+    continuous = JUDGE_ANSWER_TOKENS * step(gpu["judge_gb"] + running * kv_gb(JUDGE_PROMPT_TOKENS
+                                                                             + JUDGE_ANSWER_TOKENS / 2))
+    return {"static": prefill + static / batch, "continuous": prefill + continuous / running}
+
+
+def cost_table(studies=STUDIES, candidates: int = CANDIDATES, gpus: dict = GPUS, engine: str = "continuous"):
     """Computed hours of the preference stage per GPU and number of studies, from `GPUS`' figures and the token counts
     above: decoding is bandwidth-bound (the weights read once per step for a batch of one study's candidates),
     prefill and DPO compute-bound (2 FLOPs per parameter and token forward, 4 more backward and recomputation for the
-    policy, 2 for the reference, on chosen and rejected). Upper bounds in pairs: one per study, no judge dedupe;
-    bitsandbytes' 4-bit kernels are slower than bandwidth alone says, so the T4 rows are optimistic there."""
+    policy, 2 for the reference, on chosen and rejected). The judge's hours per engine (`judge_seconds_per_pair`;
+    "continuous" also stands for a vLLM server), the total with `engine`'s. Upper bounds in pairs: one per study, no
+    judge dedupe; bitsandbytes' 4-bit kernels are slower than bandwidth alone says, so the T4 rows are optimistic."""
     import pandas as pd
 
     rows = []
@@ -184,16 +209,18 @@ def cost_table(studies=STUDIES, candidates: int = CANDIDATES, gpus: dict = GPUS)
         step = lambda gb: gb / (gpu["bandwidth"] * DECODE_UTILISATION)  # seconds per decoding step
         per_study = ((1 + candidates) * 2 * PARAMS * PROMPT_TOKENS / flops  # prefill of every sequence
                      + REPORT_TOKENS * step(gpu["weights_gb"]))  # one study's candidates decode together
-        per_pair = (2 * JUDGE_PARAMS * JUDGE_PROMPT_TOKENS / flops
-                    + JUDGE_ANSWER_TOKENS * step(gpu["judge_gb"]) / gpu["judge_batch"])
+        per_pair = judge_seconds_per_pair(gpu)
         per_dpo_pair = 2 * 8 * PARAMS * (PROMPT_TOKENS + REPORT_TOKENS) / flops
         for n in studies:
             judged = n * (1 + candidates) * JUDGED_REGIONS
-            hours = {"candidates (h)": n * per_study / 3600, "judge (h)": judged * per_pair / 3600,
+            judge = {f"judge, {e} (h)": judged * seconds / 3600 for e, seconds in per_pair.items()}
+            hours = {"candidates (h)": n * per_study / 3600, f"judge, {engine} (h)": judge[f"judge, {engine} (h)"],
                      "DPO, one epoch (h)": n * per_dpo_pair / 3600}
             rows.append({"GPU": name, "DPO_STUDIES": n, "candidate reports": n * (1 + candidates),
-                         "judged region pairs": round(judged), **{k: round(v, 2) for k, v in hours.items()},
-                         "total (h)": round(sum(hours.values()), 2)})
+                         "judged region pairs": round(judged), "candidates (h)": round(hours["candidates (h)"], 2),
+                         **{k: round(v, 2) for k, v in judge.items()},
+                         "DPO, one epoch (h)": round(hours["DPO, one epoch (h)"], 2),
+                         f"total with {engine} (h)": round(sum(hours.values()), 2)})
     table = pd.DataFrame(rows).set_index(["GPU", "DPO_STUDIES"])
     table.attrs["note"] = ("computed from public GPU specifications and the assumptions in helpers/preference.py "
                            "(GPUS, utilisations, token counts), not measured; a smoke run measures")

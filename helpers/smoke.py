@@ -230,15 +230,19 @@ def generation_projection(settings, speed: dict[str, dict], full: dict[str, list
 
 
 def judge_projection(settings, judge, frame, n_runs: int, full: dict[str, list]) -> dict:
-    """Notebook 04: the judge's seconds per pair (its cache records of the smoke's pairs) x (runs + 2 baselines) x
-    (val + test studies) x 5 pairs per study, before dedupe."""
-    seconds = [judge.store.get(key)["seconds"] for key in frame.key.unique()]
+    """Notebook 04: the judge's seconds per pair (its cache records of the smoke's pairs, those its engine judged; all
+    of them, named, where another engine judged every one) x (runs + 2 baselines) x (val + test studies) x 5 pairs per
+    study, before dedupe."""
+    records = [judge.store.get(key) for key in frame.key.unique()]
+    timed = [r for r in records if r.get("engine", "static") == judge.engine] or records  # no "engine": static's
+    seconds = [r["seconds"] for r in timed]
     studies = sum(len(items) for items in full.values())
     pairs = (n_runs + BASELINES) * studies * PAIRS_PER_STUDY
     return projection("the full evaluation (notebook 04)", settings, unit="judged pair",
                       seconds_per_unit=sum(seconds) / len(seconds), units=pairs,
                       inputs={"runs": n_runs, "baselines": BASELINES,
                               **{f"{split} studies": len(items) for split, items in full.items()},
-                              "pairs per study": PAIRS_PER_STUDY, "pairs timed by the smoke": len(seconds)},
+                              "pairs per study": PAIRS_PER_STUDY, "pairs timed by the smoke": len(seconds),
+                              "timed by the judge engine": ", ".join(sorted({r.get("engine", "static") for r in timed}))},
                       leaves_out="the retrieval baseline's image embeddings and loading the judge; pairs are "
                                  "counted before dedupe (identical pairs are judged once), an upper bound")

@@ -65,12 +65,13 @@ def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
 
 
 def preference_inputs(settings, artifacts, preset: str, *, candidates: int, studies: int | None, beta: float,
-                      judge_model_id: str | None = None) -> tuple:
+                      judge_model_id: str | None = None, judge_engine: str | None = None,
+                      judge_url: str | None = None) -> tuple:
     """(config.json's "preference", the GREEN judge) for a preset with a preference stage, else (None, None); the
     judge (notebook 04's, its cache and precision; demo: the tiny one) loads only when a pair is not cached."""
     if not any(stage.get("dpo") for stage in PRESETS.get(preset, ())):
         return None, None
-    judge = preference.make_judge(settings, artifacts, judge_model_id)
+    judge = preference.make_judge(settings, artifacts, judge_model_id, judge_engine, judge_url)
     return preference.preference_settings(candidates=candidates, studies=studies, beta=beta, judge=judge.label), judge
 
 

@@ -67,3 +67,12 @@ def close_figures():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+@pytest.fixture(scope="session")
+def green_judge_dir(tmp_path_factory, sample_studies) -> Path:
+    """The demo's tiny GREEN-format judge, built once per session from the sample's report text."""
+    from helpers import demo_models
+
+    return demo_models.build_random_judge(tmp_path_factory.mktemp("green-judge") / "tiny-green-judge",
+                                          demo_models.tokenizer_corpus(sample_studies))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import gpu_check, settings
+from helpers import gpu_check, gpu_judge, gpu_plan, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,20 +55,28 @@ def test_quick_dry_run_appends_each_measurement_and_a_failure_does_not_stop_the_
     out, workdir = tmp_path / "gpu_check.json", str(tmp_path / "work")
     written, write = [], gpu_check.atomic_write_json
     monkeypatch.setattr(gpu_check, "atomic_write_json", lambda path, obj: (
-        path == out and written.append([len(obj.get(part, [])) for part in gpu_check.PARTS]), write(path, obj)))
+        path == out and written.append([len(obj.get(part, [])) for part in gpu_plan.PARTS]), write(path, obj)))
     assert gpu_check.main(["--dry-run", "--quick", "--out", str(out), "--workdir", workdir]) == 0
-    # one write per measurement, each adding one record: 2 training views, 2 generation precisions, 2 judge loops
-    assert written == [[1, 0, 0], [2, 0, 0], [2, 1, 0], [2, 2, 0], [2, 2, 1], [2, 2, 2]]
+    # one write per measurement, each adding one record: 2 training views, 2 generation precisions, 2 judge loops,
+    # 3 judge engines
+    assert written == [[1, 0, 0, 0], [2, 0, 0, 0], [2, 1, 0, 0], [2, 2, 0, 0], [2, 2, 1, 0], [2, 2, 2, 0],
+                       [2, 2, 2, 1], [2, 2, 2, 2], [2, 2, 2, 3]]
     quick = json.loads(out.read_text())
     assert quick["quick"] is True and quick["dry_run"] is True
     assert [(r["visual_tokens"], r["views_per_study"]) for r in quick["train"]] == [("base", 1), ("base", 3)]
     assert [(r["load_in_4bit"], r["batch_size"]) for r in quick["generate"]] == [(True, 2), (False, 2)]
-    assert gpu_check.problems(quick) == []
+    assert gpu_plan.problems(quick) == []
+    # the engines on the same pairs, on the CPU in fp32: every engine gives static's answers
+    engines = {r["engine"]: r for r in quick["judge_engines"]}
+    assert list(engines) == ["static", "continuous", "server"]
+    assert all(r["identical_to_static"] == 1.0 and positive(r, "pairs_per_s", "answer_tokens_per_s")
+               for r in engines.values())
+    assert engines["static"]["pairs"] == engines["continuous"]["pairs"] > engines["server"]["pairs"]
 
     measure = gpu_check.Check.measure_judge
 
     def ours_fails(check, fields):
-        if fields["loop"] == gpu_check.OURS:
+        if fields["loop"] == gpu_plan.OURS:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return measure(check, fields)
 
@@ -77,13 +85,14 @@ def test_quick_dry_run_appends_each_measurement_and_a_failure_does_not_stop_the_
     monkeypatch.setattr(gpu_check, "shipped_green_env", lambda count, environ: real_env(2, environ))
     written.clear()
     assert gpu_check.main(["--dry-run", "--quick", "--part", "judge", "--out", str(out), "--workdir", workdir]) == 1
-    assert written == [[2, 2, 1], [2, 2, 2]]  # the same machine and mode: parts add up in one JSON
+    assert written == [[2, 2, 1, 3], [2, 2, 2, 3]]  # the same machine and mode: parts add up in one JSON
     result = json.loads(out.read_text())
     assert result["train"] == quick["train"] and result["generate"] == quick["generate"]
+    assert result["judge_engines"] == quick["judge_engines"]
     failed, shipped = result["judge"]
     assert failed["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"
     assert positive(shipped, "seconds_per_pair", "generated_tokens_max") and shipped["same_responses"] is None
-    assert gpu_check.problems(result) == ["judge[0] failed: OutOfMemoryError: CUDA out of memory. Tried to allocate "
+    assert gpu_plan.problems(result) == ["judge[0] failed: OutOfMemoryError: CUDA out of memory. Tried to allocate "
                                           "8.00 GiB"]
 
 
@@ -98,7 +107,7 @@ def test_problems_names_failures_and_missing_fields_but_not_skipped_records():
                            {"load_in_4bit": True, "batch_size": 1, "estimate_gib": 4.61, "studies_per_s": 0.5,
                             "generated_tokens_per_s": 30.0, "peak_memory_gib": 5.1}],
               "judge": []}
-    assert gpu_check.problems(result) == ["train[0].seconds_per_step = 0.0", "train[0].peak_memory_gib = None",
+    assert gpu_plan.problems(result) == ["train[0].seconds_per_step = 0.0", "train[0].peak_memory_gib = None",
                                           "generate[1] failed: OutOfMemoryError: CUDA out of memory.",
                                           "judge: no records"]
 
@@ -110,20 +119,20 @@ def test_estimates_count_the_real_models_weights():
 
     with torch.device("meta"):
         llava = LlavaNextForConditionalGeneration(LlavaNextConfig(
-            vision_config=CLIPVisionConfig(**gpu_check.REAL["llava"]["vision"], image_size=336, patch_size=14),
-            text_config=MistralConfig(**gpu_check.REAL["llava"]["text"])))
-        judge = LlamaForCausalLM(LlamaConfig(**gpu_check.REAL["judge"]))
+            vision_config=CLIPVisionConfig(**gpu_plan.REAL["llava"]["vision"], image_size=336, patch_size=14),
+            text_config=MistralConfig(**gpu_plan.REAL["llava"]["text"])))
+        judge = LlamaForCausalLM(LlamaConfig(**gpu_plan.REAL["judge"]))
     for model, name in ((llava, "llava"), (judge, "judge")):
         counted = sum(p.numel() for p in model.parameters()) * 2 / 2**30
-        assert gpu_check.weights_gib(name, False) == pytest.approx(counted, rel=1e-3)
-    assert gpu_check.weights_gib("llava", True) == pytest.approx(4.44, abs=0.01)  # nf4 projections, 16-bit rest
-    assert gpu_check.kv_cache_gib(gpu_check.REAL["judge"], 8, 2048) == 8  # 512 KiB per Llama-2-7B token
+        assert gpu_plan.weights_gib(name, False) == pytest.approx(counted, rel=1e-3)
+    assert gpu_plan.weights_gib("llava", True) == pytest.approx(4.44, abs=0.01)  # nf4 projections, 16-bit rest
+    assert gpu_plan.kv_cache_gib(gpu_plan.REAL["judge"], 8, 2048) == 8  # 512 KiB per Llama-2-7B token
 
 
 # (name, GiB, capability) -> the measurements skipped, and how our judge loop runs (4-bit?, batch)
-GPUS = {"T4": ((14.7, (7, 5)), {("generate", False, 1), ("generate", False, 8), ("judge", gpu_check.SHIPPED)},
+GPUS = {"T4": ((14.7, (7, 5)), {("generate", False, 1), ("generate", False, 8), ("judge", gpu_plan.SHIPPED)},
                (True, 8)),
-        "L4": ((22.2, (8, 9)), {("judge", gpu_check.SHIPPED)}, (False, 4)),
+        "L4": ((22.2, (8, 9)), {("judge", gpu_plan.SHIPPED)}, (False, 4)),
         "A100-40GB": ((39.4, (8, 0)), set(), (False, 8)),
         "80GB": ((79.1, (9, 0)), set(), (False, 8))}
 
@@ -133,8 +142,8 @@ def test_fit_decisions(name, monkeypatch):
     (memory, capability), skipped, (judge_4bit, judge_batch) = GPUS[name]
     monkeypatch.setattr(settings, "gpu", lambda: (name, memory, capability))
     on_this_gpu = settings.resolve()
-    for sizes in (gpu_check.REAL, gpu_check.quick(gpu_check.REAL, on_this_gpu)):
-        planned = gpu_check.plan(sizes, on_this_gpu, memory)
+    for sizes in (gpu_plan.REAL, gpu_plan.quick(gpu_plan.REAL, on_this_gpu)):
+        planned = gpu_plan.plan(sizes, on_this_gpu, memory)
         assert [fields for fields, _ in planned["train"]] == [
             {"visual_tokens": m, "views_per_study": v} for m in sizes["visual_token_modes"]
             for v in sizes["train_views"]]  # training (QLoRA, batch 1) is measured everywhere
@@ -150,9 +159,9 @@ def test_fit_decisions(name, monkeypatch):
 
 
 def test_shipped_green_gets_one_gpu_in_a_child_process_only_where_several_are_visible():
-    assert gpu_check.shipped_green_env(0, {}) is None and gpu_check.shipped_green_env(1, {"A": "1"}) is None
-    assert gpu_check.shipped_green_env(2, {"A": "1"}) == {"A": "1", "CUDA_VISIBLE_DEVICES": "0"}
-    assert gpu_check.shipped_green_env(2, {"CUDA_VISIBLE_DEVICES": "3, 1"})["CUDA_VISIBLE_DEVICES"] == "3"
+    assert gpu_judge.shipped_green_env(0, {}) is None and gpu_judge.shipped_green_env(1, {"A": "1"}) is None
+    assert gpu_judge.shipped_green_env(2, {"A": "1"}) == {"A": "1", "CUDA_VISIBLE_DEVICES": "0"}
+    assert gpu_judge.shipped_green_env(2, {"CUDA_VISIBLE_DEVICES": "3, 1"})["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

@@ -109,10 +109,15 @@ def test_the_cost_table_is_computed_for_t4_and_a100():
     assert set(table.index.get_level_values("DPO_STUDIES")) == set(preference.STUDIES)
     assert "computed" in table.attrs["note"] and "not measured" in table.attrs["note"]
     t4, a100 = table.loc["T4"], table.loc["A100-40GB"]
-    assert (t4["total (h)"] > a100["total (h)"]).all()  # a slower GPU costs more
+    assert (t4["total with continuous (h)"] > a100["total with continuous (h)"]).all()  # a slower GPU costs more
     assert t4.loc[2069, "judged region pairs"] == round(2069 * 5 * preference.JUDGED_REGIONS)
-    hours = t4.loc[2069, ["candidates (h)", "judge (h)", "DPO, one epoch (h)"]].sum()
-    assert math.isclose(hours, t4.loc[2069, "total (h)"], abs_tol=0.02)
+    hours = t4.loc[2069, ["candidates (h)", "judge, continuous (h)", "DPO, one epoch (h)"]].sum()
+    assert math.isclose(hours, t4.loc[2069, "total with continuous (h)"], abs_tol=0.02)
+    # continuous batching: no batch waits for its longest answer, and the cache holds more sequences than a batch
+    assert (table["judge, continuous (h)"] < table["judge, static (h)"]).all()
+    static = preference.cost_table(engine="static")
+    assert static["judge, static (h)"].equals(table["judge, static (h)"])
+    assert (static["total with static (h)"] > table["total with continuous (h)"]).all()
 
 
 # ---------------------------------------------------------------- the stage on the tiny model

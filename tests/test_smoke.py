@@ -88,12 +88,17 @@ def test_generation_and_judge_projections():
     assert record["hours"] == round(886 * 5 / 3600, 3)
     assert smoke.generation_projection(T4, {s: {**f, "generated_now": 0} for s, f in speed.items()}, full) is None
 
-    cache = {"k1": {"seconds": 3.0}, "k2": {"seconds": 5.0}}
-    judge = SimpleNamespace(store=SimpleNamespace(get=cache.get))
-    frame = pd.DataFrame({"key": ["k1", "k2", "k1"]})  # a pair judged once counts once
-    record = smoke.judge_projection(T4, judge, frame, 1, full)
+    # k1, k2 timed by the static loop (records without an engine are static's), k3 by continuous batching
+    cache = {"k1": {"seconds": 3.0}, "k2": {"seconds": 5.0}, "k3": {"seconds": 1.0, "engine": "continuous"}}
+    frame = pd.DataFrame({"key": ["k1", "k2", "k1", "k3"]})  # a pair judged once counts once
+    record = smoke.judge_projection(T4, SimpleNamespace(store=SimpleNamespace(get=cache.get), engine="static"),
+                                    frame, 1, full)
     assert record["units in the full step"] == (1 + 2) * 886 * 5  # before dedupe
     assert record["hours"] == round(13290 * 4.0 / 3600, 3) and not record["fits a 12-hour Colab session"]
+    continuous = smoke.judge_projection(T4, SimpleNamespace(store=SimpleNamespace(get=cache.get),
+                                                            engine="continuous"), frame, 1, full)
+    assert continuous["hours"] == round(13290 * 1.0 / 3600, 3)  # the chosen engine's speed
+    assert continuous["inputs"]["timed by the judge engine"] == "continuous"
 
 
 def test_twelve_hour_verdict():
