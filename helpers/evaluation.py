@@ -157,8 +157,8 @@ def report_lengths(systems: dict[str, dict[str, dict]]):
     """Per system and split: mean words of the whole report and distinct reports (whitespace-normalised), the two
     numbers a win made of longer or templated reports shows in."""
     rows = []
-    for system, by_split in systems.items():
-        for split, predictions in by_split.items():
+    for system, splits in systems.items():
+        for split, predictions in splits.items():
             reports = [" ".join(whole_report(p["regions"]).split()) for p in predictions.values()]
             rows.append({"system": system, "split": SPLIT_NAMES[split], "studies": len(reports),
                          "mean words": sum(len(r.split()) for r in reports) / len(reports) if reports else float("nan"),
