@@ -1,5 +1,5 @@
 # make demo: the four notebooks, headless, on the bundled sample (artifacts/demo/)
-# make test: the test suite (what CI runs)
+# make test: the test suite (what CI runs), the ten slowest tests last
 # make gpu-check: GPU memory and speed at the real 7B shapes, random weights (artifacts/gpu_check.json)
 PYTHON ?= python3
 VENV := .venv
@@ -33,7 +33,7 @@ demo: venv
 	$(PY) -m helpers.run_notebooks --profile demo --out artifacts/demo $(if $(VISUAL_TOKENS),-p VISUAL_TOKENS $(VISUAL_TOKENS))
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 gpu-check: venv
 	$(PY) -m helpers.gpu_check

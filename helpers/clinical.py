@@ -15,27 +15,23 @@ Whole reports only: the four regions joined as `reports.whole_report` joins them
 (its models label or parse whatever text they get, and were trained on whole reports); GREEN covers the regions.
 Studies whose whole reference is empty are not scored (counted in neither `Studies` nor the intervals).
 Checkpoints come from the hub at run time (`StanfordAIMI/RRG_scorers` and the encoders' own repositories); the demo
-and the tests use random stand-ins (`demo_models.build_radeval_stand_ins`) loaded through RadEval's own code.
+and the tests use random stand-ins (`radeval_stand_ins.build_radeval_stand_ins`) loaded through RadEval's own code
+(`radeval_compat`: how RadEval is run here, its bugs worked around).
 Memory: one metric's models at a time, freed after it (never beside the GREEN judge: free it first).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.util
-import sys
-import warnings
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pandas as pd
 
 from .metrics import paired_bootstrap
 from .reports import REPORT, whole_report
+from .radeval_compat import SCORERS, import_radeval, model_cache, release, unavailable
 from .runs import SPLIT_NAMES
-from .storage import atomic_write_text, free_gpu_memory
+from .storage import atomic_write_text
 
 CHEXBERT = {"CheXbert F1 micro-14": ("all", "micro"), "CheXbert F1 macro-14": ("all", "macro"),
             "CheXbert F1 micro-5": ("5", "micro"), "CheXbert F1 macro-5": ("5", "macro")}
@@ -43,28 +39,10 @@ RADCLIQ = "1/RadCliQ-v1"
 PER_STUDY = ("SembScore", "RadGraph F1", "RadGraph combined", "BERTScore", "BERTScore distilroberta",
              "RaTEScore")  # means of per-study scores
 COLUMNS = [*CHEXBERT, *PER_STUDY, RADCLIQ]
-# Each RadEval metric run here, the module its scorer lives in (imported to tell whether it can run) and its columns.
-GROUPS = {"f1chexbert": ("radeval.metrics.f1chexbert.f1chexbert", list(CHEXBERT)),
-          "semb": ("radeval.metrics.RadCliQv1.semb_score", ["SembScore"]),
-          "radgraph": ("radeval.metrics.radgraph", ["RadGraph F1"]),
-          "radgraph_radcliq": ("radeval.metrics.radgraph_radcliq.radgraph_radcliq", ["RadGraph combined"]),
-          "bertscore": ("radeval.metrics.bertscore.bertscore", ["BERTScore"]),
-          "bertscore_rexrank": ("radeval.metrics.bertscore.bertscore", ["BERTScore distilroberta"]),
-          "ratescore": ("radeval.metrics.RaTEScore.scorer", ["RaTEScore"]),
-          "radcliq": ("radeval.metrics.RadCliQv1.radcliq", [RADCLIQ])}
-# RadEval 2.2.1's other metrics, and why they are not run. None of its modules imports torchvision (it is only
-# listed in its install_requires, and is not installed here: PyPI's build cannot load beside torch 2.13).
-LEFT_OUT = {"bleu": "BLEU comes from helpers.metrics (pycocoevalcap, as R2Gen computes it)",
-            "rouge": "ROUGE-L comes from helpers.metrics (pycocoevalcap)",
-            "green": "GREEN comes from helpers.green (per region, cached judge answers)",
-            "radeval_bertscore": "not among the seed paper's or ReXrank's metrics",
-            "srrbert": "not among the seed paper's or ReXrank's metrics",
-            "temporal": "not among ReXrank's metrics; imports stanza (not installed)",
-            "f1radbert_ct": "for CT reports", "radfact_ct": "for CT reports, through an LLM API",
-            "crimson": "an LLM-API judge (OpenAI or Gemini)", "mammo_green": "for mammography, through an LLM API"}
-# Folders under a stand-in root (`model_cache`): a hub cache for the encoders, and the hub caches RadEval passes
-# explicitly for CheXbert's and RadGraph's checkpoints.
-CACHE_LAYOUT = {"hub": "hub", "chexbert": "chexbert", "radgraph": "radgraph"}
+# The columns each RadEval metric group run here (radeval_compat.SCORERS) fills.
+GROUPS = {"f1chexbert": list(CHEXBERT), "semb": ["SembScore"], "radgraph": ["RadGraph F1"],
+          "radgraph_radcliq": ["RadGraph combined"], "bertscore": ["BERTScore"],
+          "bertscore_rexrank": ["BERTScore distilroberta"], "ratescore": ["RaTEScore"], "radcliq": [RADCLIQ]}
 REXRANK_COLUMNS = ["BLEU", "BERTScore", "SembScore", "RadGraph", RADCLIQ, "RaTEScore", "GREEN"]
 REXRANK_NOTE = (
     "Comparable with ReXrank's IU X-Ray board only in part. Same definitions, other code: BERTScore (distilroberta-"
@@ -75,65 +53,6 @@ REXRANK_NOTE = (
     "RadEval's (its BERTScore term weighs tokens by IDF over the split's references); the test studies are "
     "annotation.json's (R2Gen's split, 590 studies), not necessarily ReXrank's; the findings are the four region "
     "sections joined (lung, heart, mediastinal, bone; 'others' dropped), not the original findings text.")
-
-
-class _RadEvalAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """`RadEval.x` is `radeval.x`: radeval 2.2.1's vendored RadGraph imports itself under its repository's name, which
-    fails on a case-sensitive file system (jbdel/RadEval#27)."""
-
-    def find_spec(self, name, path, target=None):
-        if name.partition(".")[0] == "RadEval":
-            return importlib.util.spec_from_loader(name, self)
-        return None
-
-    def create_module(self, spec):
-        return importlib.import_module("radeval" + spec.name[len("RadEval"):])
-
-    def exec_module(self, module):
-        pass  # create_module returned the module already loaded under its real name
-
-
-def import_radeval(name: str):
-    """importlib.import_module for radeval's modules, with the `RadEval` alias in place."""
-    if not any(isinstance(finder, _RadEvalAlias) for finder in sys.meta_path):
-        # first: the path finder would otherwise load `RadEval.x.y` from the real package's folder a second time
-        sys.meta_path.insert(0, _RadEvalAlias())
-    return importlib.import_module(name)
-
-
-def unavailable() -> dict[str, str]:
-    """{RadEval metric group: why it cannot run here} for the groups whose scorer does not import (the ImportError)."""
-    reasons = {}
-    for group, (module, _) in GROUPS.items():
-        try:
-            import_radeval(module)
-        except ImportError as e:
-            reasons[group] = f"{type(e).__name__}: {e}"
-    return reasons
-
-
-@contextmanager
-def model_cache(root: str | Path):
-    """Every checkpoint RadEval loads resolved offline from `root` (laid out as CACHE_LAYOUT), not the user's caches.
-
-    huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE once, at import, into `huggingface_hub.constants` (which
-    transformers reads at each call too); RadEval fixes its CheXbert and RadGraph cache folders (appdirs) at import
-    as well. So these module constants are patched for the block, not the environment.
-    """
-    from huggingface_hub import constants
-
-    root = Path(root)
-    with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(constants, "HF_HUB_CACHE", str(root / CACHE_LAYOUT["hub"])))
-        stack.enter_context(mock.patch.object(constants, "HF_HUB_OFFLINE", True))
-        for module, key in (("radeval.metrics.f1chexbert.f1chexbert", "chexbert"),
-                            ("radeval.metrics.radgraph._vendor.core", "radgraph")):
-            try:
-                folder = str(root / CACHE_LAYOUT[key])
-                stack.enter_context(mock.patch.object(import_radeval(module), "CACHE_DIR", folder))
-            except ImportError:
-                pass  # that metric cannot run here: `unavailable` says why
-        yield root
 
 
 def study_pairs(systems: dict[str, dict[str, dict]], references: dict[str, list]) -> pd.DataFrame:
@@ -149,103 +68,23 @@ def study_pairs(systems: dict[str, dict[str, dict]], references: dict[str, list]
     return pd.DataFrame(rows, columns=["system", "split", "id", "reference", "candidate"])
 
 
-def _radeval(name: str):
-    with warnings.catch_warnings():  # RadEval() would silence every warning of the process for good
-        return import_radeval("radeval").RadEval(metrics=[name], per_sample=True, show_progress=False)
-
-
-def _release() -> None:
-    """Free a finished metric's models: RadGraph's vendored AllenNLP also keeps every encoder and tokenizer it built."""
-    if "radeval.metrics.radgraph._vendor.allennlp.common.cached_transformers" in sys.modules:
-        cached = sys.modules["radeval.metrics.radgraph._vendor.allennlp.common.cached_transformers"]
-        cached._model_cache.clear()
-        cached._tokenizer_cache.clear()
-    free_gpu_memory()
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _chexbert(pairs):
-    # RadEval's CheXbert labeller (rrg mode: 1 = positive), built here: its `f1chexbert` adapter asks for "cuda" on any
-    # machine, and the labeller moves there before falling back to the CPU
-    labeller = import_radeval("radeval.metrics.f1chexbert.f1chexbert").F1CheXbert(device=_device())
-    texts = sorted({*pairs.reference, *pairs.candidate})
-    labels = dict(zip(texts, labeller.get_labels(texts)))
-    return {"chexbert_reference": [labels[t] for t in pairs.reference],
-            "chexbert_candidate": [labels[t] for t in pairs.candidate]}
-
-
-def _semb(pairs):
-    semb = import_radeval("radeval.metrics.RadCliQv1.semb_score")
-    return {"SembScore": semb.semantic_embedding_scores(list(pairs.reference), list(pairs.candidate), device=_device())}
-
-
-def _radgraph(pairs):
-    return {"RadGraph F1": _radeval("radgraph")(list(pairs.reference), list(pairs.candidate))["radgraph_partial"]}
-
-
-def _bertscore(pairs):
-    return {"BERTScore": _radeval("bertscore")(list(pairs.reference), list(pairs.candidate))["bertscore"]}
-
-
-def _radgraph_combined(pairs):
-    return {"RadGraph combined": _radeval("radgraph_radcliq")(list(pairs.reference),
-                                                              list(pairs.candidate))["radgraph_radcliq"]}
-
-
-def _bertscore_rexrank(pairs):
-    # ReXrank's BERTScore (layer 5: bert-score's default for distilroberta-base); RadEval registers no metric for it
-    scorer = import_radeval("radeval.metrics.bertscore.bertscore").BertScore(model_type="distilroberta-base",
-                                                                             num_layers=5, idf=False)
-    return {"BERTScore distilroberta": scorer(list(pairs.reference), list(pairs.candidate))[1]}
-
-
-def _ratescore(pairs):
-    # RaTEScore drops a text with no sentence (e.g. an empty candidate) from its entity lists, which shifts every
-    # later pair; such pairs get the score it gives a pair without entities (0.5) and are not passed to it.
-    split = import_radeval("radeval.metrics.RaTEScore.utils").sentence_split
-    scored = np.array([bool(split([r])[0]) and bool(split([c])[0]) for r, c in zip(pairs.reference, pairs.candidate)])
-    scores = np.full(len(pairs), 0.5)
-    if scored.any():
-        rate = _radeval("ratescore")
-        scores[scored] = rate(list(pairs.reference[scored]), list(pairs.candidate[scored]))["ratescore"]
-    return {"RaTEScore": scores}
-
-
-def _radcliq(pairs):
-    # per (system, split): RadCliQ's BERTScore weighs tokens by IDF over the references it is given with them
-    radcliq, scores = _radeval("radcliq"), np.full(len(pairs), np.nan)
-    for _, part in pairs.groupby(["system", "split"], sort=False):
-        scores[part.index] = radcliq(list(part.reference), list(part.candidate))["radcliq_v1"]
-    return {"RadCliQ-v1": scores}  # per study, lower is better; the table reports 1 / mean
-
-
-SCORERS = {"f1chexbert": _chexbert, "semb": _semb, "radgraph": _radgraph, "radgraph_radcliq": _radgraph_combined,
-           "bertscore": _bertscore, "bertscore_rexrank": _bertscore_rexrank, "ratescore": _ratescore,
-           "radcliq": _radcliq}
-
-
 def score_studies(systems, references, *, groups=None, stand_ins: str | Path | None = None) -> pd.DataFrame:
     """`study_pairs` with each metric's per-study result: PER_STUDY's columns, RadCliQ-v1 (lower is better) and both
     reports' 14 CheXbert labels (`chexbert_reference`, `chexbert_candidate`).
 
     `groups`: the GROUPS to run (default all); one that cannot run here is skipped, its reason printed, its columns
-    NaN. `stand_ins`: a `demo_models.build_radeval_stand_ins` folder to load every checkpoint from (offline).
+    NaN. `stand_ins`: a `radeval_stand_ins.build_radeval_stand_ins` folder to load every checkpoint from (offline).
     """
     pairs = study_pairs(systems, references)
     missing = unavailable()
     for group in groups or GROUPS:
         if group in missing:
-            print(f"{', '.join(GROUPS[group][1])}: n/a ({missing[group]})")
+            print(f"{', '.join(GROUPS[group])}: n/a ({missing[group]})")
             continue
         with model_cache(stand_ins) if stand_ins else nullcontext():
-            for column, values in SCORERS[group](pairs).items():
+            for column, values in SCORERS[group][1](pairs).items():
                 pairs[column] = list(values) if column.startswith("chexbert") else np.asarray(values, dtype=float)
-        _release()  # the next metric loads alone
+        release()  # the next metric loads alone
     return pairs
 
 

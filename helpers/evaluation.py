@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import baselines, clinical, demo_models, plots
+from . import baselines, clinical, demo_models, plots, radeval_stand_ins
 from .data import DataError, by_split, load_studies
 from .generation import load_predictions
 from .green import COLUMNS as GREEN_COLUMNS, PROTOCOL, SCORED, compare_table, markdown_table, paired_differences
@@ -103,7 +103,7 @@ def clinical_metrics(settings, artifacts, studies, systems: dict, references: di
     judge.release()
     table, diff, scores = clinical.evaluate(systems, references, reference_run=plan.reference_run, run_names=plan.runs,
                                             n_boot=n_boot, seed=seed,
-                                            stand_ins=demo_models.radeval_cache(settings, artifacts, studies))
+                                            stand_ins=radeval_stand_ins.radeval_cache(settings, artifacts, studies))
     board = clinical.leaderboard(table, nlg, compare_table(tables))
     paths = clinical.write_outputs(table, diff, scores, artifacts, board)
     paths.append(artifacts.compare_dir / "plots" / "clinical.png")

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SAMPLE_DIR = ROOT / "data" / "sample"
 SHARED_IU_XRAY = ROOT.parent / "shared" / "iu_xray"
+DEMO_DPO_STUDIES = 4  # the session's demo chain: training studies its preference stage samples candidates for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a hub, here or in CI
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -58,6 +59,24 @@ def model_and_processor(load_tiny):
     from helpers.modeling import DEFAULT_VISUAL_TOKENS
 
     return load_tiny(DEFAULT_VISUAL_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def demo_chain(tmp_path_factory) -> Path:
+    """`make demo`, run once per session: the four notebooks on the sample in the default visual-token mode (02 and
+    03 once per preset of run_notebooks.DEMO_RUNS), into one artifacts folder. Tests read it and write nothing there,
+    except test_demo.py's smoke chain (its own folders, checked to leave every other file byte for byte).
+
+    One parameter differs from a plain `make demo`: the preference stage samples candidates for DPO_STUDIES=4 training
+    studies (plus the 2 held out), not all 14: sampling is the chain's longest step, and 4 still give pairs to train on.
+    """
+    from helpers import modeling
+    from helpers.run_notebooks import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["--out", str(out), "-p", "VISUAL_TOKENS", modeling.DEFAULT_VISUAL_TOKENS,
+                 "-p", "DPO_STUDIES", str(DEMO_DPO_STUDIES)]) == 0
+    return out
 
 
 @pytest.fixture(autouse=True)

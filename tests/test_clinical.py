@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import classification_report
 
-from helpers import clinical, demo_models, metrics, plots, runs
+from helpers import clinical, demo_models, metrics, plots, radeval_compat, radeval_stand_ins, runs
 from helpers.data import REGIONS
 from helpers.reports import REPORT
 
@@ -50,7 +50,7 @@ def systems(references):
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory, sample_studies):
-    return demo_models.build_radeval_stand_ins(tmp_path_factory.mktemp("radeval") / "radeval",
+    return radeval_stand_ins.build_radeval_stand_ins(tmp_path_factory.mktemp("radeval") / "radeval",
                                                demo_models.tokenizer_corpus(sample_studies))
 
 
@@ -62,9 +62,9 @@ def evaluated(systems, references, stand_ins):
 
 def test_every_metric_runs_through_radeval(evaluated, stand_ins):
     table, _, scores = evaluated
-    assert clinical.unavailable() == {}
-    registry = set(clinical.import_radeval("radeval.metrics._registry").METRIC_REGISTRY)
-    assert registry == set(clinical.LEFT_OUT) | (set(clinical.GROUPS) & registry)  # each one run, or why not
+    assert radeval_compat.unavailable() == {} and set(clinical.GROUPS) == set(radeval_compat.SCORERS)
+    registry = set(radeval_compat.import_radeval("radeval.metrics._registry").METRIC_REGISTRY)
+    assert registry == set(radeval_compat.LEFT_OUT) | (set(radeval_compat.SCORERS) & registry)  # run, or why not
     assert "torchvision" not in sys.modules  # RadEval lists it, none of the metrics run here imports it
     assert not table[clinical.COLUMNS].isna().any().any()
     perfect = table.xs("perfect", level="system")
@@ -83,7 +83,7 @@ def test_chexbert_f1_is_radevals():
     rng = np.random.default_rng(0)
     reference, candidate = (rng.integers(0, 2, (12, 14)) * (rng.random((12, 14)) < 0.3) for _ in range(2))
     part = pd.DataFrame({"chexbert_reference": list(reference), "chexbert_candidate": list(candidate)})
-    chexbert = clinical.import_radeval("radeval.metrics.f1chexbert.f1chexbert").F1CheXbert
+    chexbert = radeval_compat.import_radeval("radeval.metrics.f1chexbert.f1chexbert").F1CheXbert
     top5, names = clinical._top5_index(), [*chexbert.CONDITION_NAMES, chexbert.NO_FINDING]
     reports = {"all": classification_report(reference, candidate, target_names=names, output_dict=True),
                "5": classification_report(reference[:, top5], candidate[:, top5], target_names=chexbert.TOP5,
@@ -154,8 +154,9 @@ def test_corpus_bootstrap_recomputes_on_the_same_draws():
 
 
 def test_unavailable_metric_is_na_with_its_reason(monkeypatch, systems, references, capsys):
-    monkeypatch.setitem(clinical.GROUPS, "ratescore", ("no_such_module_for_ratescore", ["RaTEScore"]))
-    assert clinical.unavailable()["ratescore"].startswith("ModuleNotFoundError: No module named")
+    scorer = radeval_compat.SCORERS["ratescore"][1]
+    monkeypatch.setitem(radeval_compat.SCORERS, "ratescore", ("no_such_module_for_ratescore", scorer))
+    assert radeval_compat.unavailable()["ratescore"].startswith("ModuleNotFoundError: No module named")
     scores = clinical.score_studies(systems, references, groups=["ratescore"])
     assert "RaTEScore: n/a (ModuleNotFoundError" in capsys.readouterr().out
     table = clinical.clinical_table(scores, n_boot=10)

@@ -1,5 +1,6 @@
 """`python -m helpers STEP`: the notebooks' parameters as options, and the steps on 2 CPU processes (torchrun, gloo)
-against the sample: DDP training, sharded generation equal to one process's, a killed run resumed, sharded judging."""
+against the sample: DDP training killed and resumed, sharded generation equal to one process's, a killed generation
+resumed, sharded judging."""
 import json
 import os
 import shutil
@@ -104,14 +105,20 @@ def test_process_device_map_puts_the_whole_model_on_this_process_gpu(monkeypatch
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """A run trained by `torchrun --nproc_per_node 2 -m helpers train` on the sample (the default two_stage preset,
-    whose second stage trains vision LoRA: DDP stops if any trainable parameter gets no gradient)."""
+    whose second stage trains vision LoRA: DDP stops if any trainable parameter gets no gradient), killed (every
+    process, like a lost node) as soon as a stage-2 checkpoint is on disk, then run again to the end."""
     artifacts = tmp_path_factory.mktemp("ddp")
+    run = Artifacts(artifacts).run("ddp")
+    stage2 = run.checkpoints_dir / "2_vision_lora"
+    process = helpers_command("train", artifacts, "--run-name", "ddp", processes=2)
+    kill_when(process, lambda: any(stage2.glob("checkpoint-*/trainer_state.json")), "a stage-2 checkpoint")
+    assert not run.trained
     run_helpers("train", artifacts, "--run-name", "ddp", processes=2)
     return artifacts
 
 
 # batches of one long report: each takes long enough on the CPU for the kill below to land between two of them
-GENERATE = ("--run-name", "ddp", "--batch-size", "1", "--max-new-tokens", "400", "--attention-studies", "0")
+GENERATE = ("--run-name", "ddp", "--batch-size", "1", "--max-new-tokens", "200", "--attention-studies", "0")
 
 
 def copy_of_trained(ddp_run, tmp_path):
@@ -145,16 +152,11 @@ def test_two_process_train_finishes_the_run(ddp_run, sample_studies):
     assert "already trained" in run_helpers("train", artifacts, "--run-name", "ddp", processes=2)
 
 
-def test_killed_two_process_train_resumes_from_its_checkpoint(tmp_path):
-    run = Artifacts(tmp_path).run("ddp")
-    stage2 = run.checkpoints_dir / "2_vision_lora"
-    process = helpers_command("train", tmp_path, "--run-name", "ddp", processes=2)
-    kill_when(process, lambda: any(stage2.glob("checkpoint-*/trainer_state.json")), "a stage-2 checkpoint")
-    assert not run.trained
-    run_helpers("train", tmp_path, "--run-name", "ddp", processes=2)
-    stage1, stage2_record = json.loads(run.metrics_path.read_text())["stages"]
+def test_killed_two_process_train_resumes_from_its_checkpoint(ddp_run):
+    run = Artifacts(ddp_run).run("ddp")
+    stage1, stage2 = json.loads(run.metrics_path.read_text())["stages"]
     assert stage1["resumed_from_step"] == 0  # done before the kill, skipped
-    assert stage2_record["resumed_from_step"] in (4, 8) and stage2_record["global_step"] == 8  # demo: save_steps 4
+    assert stage2["resumed_from_step"] in (4, 8) and stage2["global_step"] == 8  # demo: save_steps 4
     assert run.trained
 
 
@@ -205,7 +207,10 @@ def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_pa
             studies = [s for s in sample_studies if s.split == split]
             run.predictions(split).write_text("".join(json.dumps({"id": s.id, "regions": t.regions}) + "\n"
                                                       for s, t in zip(studies, train)))
-        run_helpers("split", artifacts)  # the val references
+        if processes == 1:
+            run_helpers("split", artifacts)  # the val references
+        else:
+            shutil.copytree(tmp_path / "artifacts1" / "regions", artifacts / "regions")  # the same split, once
         run_helpers("evaluate", artifacts, "--judge-batch-size", "2", "--meteor", "False", "--n-boot", "50",
                     "--clinical", "False", processes=processes)
         cache = [json.loads(line) for line in (artifacts / "eval" / "green_cache.jsonl").read_text().splitlines()]

@@ -1,5 +1,6 @@
 """`make demo` end to end: the four notebooks in order (02 and 03 once per preset), each reading what the one before
-wrote, then the smoke chain; notebooks 02 and 03 in each other visual-token mode."""
+wrote (the session's `demo_chain`, default visual-token mode); then the smoke chain beside it in a second mode, and
+notebooks 02 and 03 in the third on the smallest case, the smoke's studies."""
 import hashlib
 import json
 
@@ -7,13 +8,16 @@ import pandas as pd
 import pytest
 from test_report import check_demo_report
 
-from helpers import commands, demo_models, modeling, reports, runs, smoke
+from helpers import commands, demo_models, modeling, reports, runs, smoke, training
+from helpers.modeling import load_for_inference, load_processor, training_chat_template
 from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 
 # what a quiet start leaves out of the executed notebooks: tqdm without widgets, the kernel's plain-TCP warning,
 # deprecations of the libraries' APIs, the HF Trainer's raw log dicts (the loss is in metrics.json and the plot)
 NOISE = ["IProgress not found", "without encryption", "FutureWarning", "{'loss'", "'train_runtime'"]
 WIDGET = "application/vnd.jupyter.widget-view+json"
+# the modes besides the default one: the smoke chain runs in the first, notebooks 02 and 03 alone in the second
+SMOKE_CHAIN_MODE, SMALLEST_CASE_MODE = (m for m in modeling.VISUAL_TOKENS if m != modeling.DEFAULT_VISUAL_TOKENS)
 
 
 def check_executed(executed_dir):
@@ -30,18 +34,17 @@ def check_executed(executed_dir):
             assert "image/png" in kinds and WIDGET not in kinds, path.name
 
 
-def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir):
-    """`make demo`: the chain in the default visual-token mode, then the smoke chain into the same folder."""
+def test_the_four_notebooks_run_in_order_on_the_sample(demo_chain, sample_dir):
+    """`make demo`: the chain in the default visual-token mode (the `demo_chain` fixture runs it)."""
     names = sorted(p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
     assert names == ["01_region_prompting.ipynb", "02_sft_lora_qlora.ipynb", "03_generate.ipynb",
                      "04_green_eval.ipynb"]
     mode = modeling.DEFAULT_VISUAL_TOKENS
-    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode]) == 0  # what make demo runs
-    check_executed(tmp_path / "executed")
+    check_executed(demo_chain / "executed")
 
     val_ids = {e["id"] for e in json.loads((sample_dir / "annotation.json").read_text())["val"]}
-    assert set(json.loads((tmp_path / "regions" / "val_regions.json").read_text())) == val_ids
-    artifacts = runs.Artifacts(tmp_path)
+    assert set(json.loads((demo_chain / "regions" / "val_regions.json").read_text())) == val_ids
+    artifacts = runs.Artifacts(demo_chain)
     compared = artifacts.find_runs()
     assert [r.name for r in compared] == list(DEMO_RUNS)  # two presets, in the order trained
     for run in compared:
@@ -59,20 +62,56 @@ def test_the_four_notebooks_run_in_order_on_the_sample(tmp_path, sample_dir):
     check_clinical(artifacts.compare_dir)
     check_preference(artifacts)
     check_demo_report(artifacts)  # eval/compare/report.md and grounding.csv (tests/test_report.py)
-    check_smoke_chain(tmp_path, mode)  # the smoke chain beside the real runs, into the same folder
 
 
-@pytest.mark.parametrize("mode", [m for m in modeling.VISUAL_TOKENS if m != modeling.DEFAULT_VISUAL_TOKENS])
-def test_the_visual_token_modes_train_and_generate(tmp_path, mode):
-    """`make demo VISUAL_TOKENS=...`'s notebooks that depend on the mode, 02 then 03 (01 and 04 read no image
-    token: they run in the default mode above)."""
-    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode, "-p", "RUN_NAME", "demo-two_stage",
+def test_notebook_02_writes_the_run_contract(demo_chain, sample_studies):
+    """The chain's two_stage run: what notebooks 03 and 04 read from it, each stage's record, the vision LoRA left
+    untouched by stage 1 and trained by stage 2, and the run loaded back for inference as it was trained."""
+    from peft.utils import load_peft_weights
+
+    run = runs.Artifacts(demo_chain).run("demo-two_stage")
+    config = run.config
+    for key in ("model_id", "load_in_4bit", "visual_tokens", "max_views", "max_length", "preset", "stages",
+                "instruction", "holdout_ids"):
+        assert key in config
+    assert config["instruction"] == reports.INSTRUCTION and config["model_id"].endswith("tiny-llava")
+    assert set(config["holdout_ids"]) <= {s.id for s in sample_studies if s.split == "train"}
+    metrics = json.loads(run.metrics_path.read_text())
+    assert [s["name"] for s in metrics["stages"]] == ["frozen_vision", "vision_lora"]
+    assert all(s["loss"] and s["eval_loss"] and s["seconds"] > 0 for s in metrics["stages"])
+    # the cheap generation metric of each stage's selected weights, beside the held-out loss that selects them
+    assert all(s["holdout_nlg"]["pairs"] == len(config["holdout_ids"]) and s["holdout_nlg"]["METEOR"] is None
+               for s in metrics["stages"])
+
+    def vision_b(folder):
+        weights = load_peft_weights(str(folder))
+        return [w for k, w in weights.items() if "vision_tower" in k and "lora_B" in k]
+
+    assert all((w == 0).all() for w in vision_b(run.checkpoints_dir / "1_frozen_vision" / "final"))
+    assert any((w != 0).any() for w in vision_b(run.adapter_dir))
+    assert (run.train_dir / "loss.png").stat().st_size > 0
+    model, processor, loaded = load_for_inference(run)
+    assert loaded == config and processor.chat_template == training_chat_template(load_processor(config["model_id"]))
+
+
+def test_the_smoke_chain_beside_the_real_runs(demo_chain):
+    """SMOKE=True through the four notebooks into the demo's folder, in a second visual-token mode."""
+    check_smoke_chain(demo_chain, SMOKE_CHAIN_MODE)
+
+
+def test_the_third_visual_token_mode_trains_and_generates(tmp_path):
+    """`make demo VISUAL_TOKENS=...`'s notebooks that depend on the mode, 02 then 03, on the smallest case: the
+    smoke's studies. No RUN_NAME: 02 names the run "<model>-<preset>" and 03 finds it as the only trained run."""
+    mode = SMALLEST_CASE_MODE
+    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode, "-p", "SMOKE", "True",
                  "02_sft_lora_qlora.ipynb", "03_generate.ipynb"]) == 0
     check_executed(tmp_path / "executed")
-    check_run(runs.Artifacts(tmp_path).run("demo-two_stage"), mode, "two_stage")
+    run = smoke.Artifacts(tmp_path, True).find_run()
+    assert run.name == smoke.run_name(training.default_run_name("tiny-llava", "two_stage"), True)
+    check_run(run, mode, "two_stage", attention_studies=1)
 
 
-def check_run(run, mode: str, preset: str):
+def check_run(run, mode: str, preset: str, attention_studies: int = 3):
     """A trained run in `mode` with its held-out checks, 4 + 4 predictions and one visual-share plot per analysed
     study (heatmaps need region tokens, which a random model may not write)."""
     config, metrics = run.config, json.loads(run.metrics_path.read_text())
@@ -80,9 +119,11 @@ def check_run(run, mode: str, preset: str):
     assert config["instruction"] == reports.INSTRUCTION and config["visual_tokens"] == mode
     assert all(set(stage["holdout_nlg"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} for stage in metrics["stages"])
     for split, n in (("val", 4), ("test", 4)):
-        assert len(run.predictions(split).read_text().splitlines()) == n
+        lines = run.predictions(split).read_text().splitlines()
+        assert len(lines) == n and all(set(json.loads(line)) >= {"id", "confidence"} for line in lines)
     attention_pngs = {p.name for p in run.attention_dir.glob("*.png")}
-    assert "confidence.png" in attention_pngs and sum(n.endswith("_visual_share.png") for n in attention_pngs) == 3
+    assert "confidence.png" in attention_pngs
+    assert sum(n.endswith("_visual_share.png") for n in attention_pngs) == attention_studies
 
 
 def check_clinical(compare_dir):
@@ -127,7 +168,7 @@ def file_digests(root):
 
 
 def check_smoke_chain(root, mode):
-    """SMOKE=True through the four notebooks (02 and 03 once): every step writes its projection.json in its smoke
+    """SMOKE=True through the four notebooks (02 and 03 once, in `mode`): every step writes its projection.json in its smoke
     folder, and not one byte of the real runs' files changes; `python -m helpers train --smoke` finds the same run."""
     before = file_digests(root)
     assert main(["--out", str(root), "-p", "VISUAL_TOKENS", mode, "-p", "SMOKE", "True", "-p", "METEOR", "False",
@@ -143,11 +184,9 @@ def check_smoke_chain(root, mode):
         assert projection["projected from a smoke run"] and projection["hours"] >= 0, folder
     config = run.config
     assert config["n_train"] == 6 and len(config["holdout_ids"]) == 2 and config["full_run"]["n_train"] == 14
-    assert all("holdout_nlg" in stage for stage in json.loads(run.metrics_path.read_text())["stages"])
+    check_run(run, mode, "two_stage_dpo", attention_studies=1)  # its three stages in `mode`, 4 + 4 predictions
     preference_stage = json.loads((run.train_dir / "projection.json").read_text())["inputs"]["stages"][-1]
     assert set(preference_stage["preference phases"]) == {"sampling", "judging"}
-    assert [len(run.predictions(split).read_text().splitlines()) for split in ("val", "test")] == [4, 4]
-    assert sum(p.name.endswith("_visual_share.png") for p in run.attention_dir.glob("*.png")) == 1
     compare = pd.read_csv(root / "eval" / "smoke" / "compare" / "green_compare.csv", index_col=[0, 1])
     assert set(compare.index.get_level_values(0)) == {run.name}  # no baselines in a smoke run
     # the command builds the notebook's smoke config: the same run, already trained (a different one is refused)

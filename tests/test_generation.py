@@ -1,4 +1,5 @@
-"""Notebook 03's generation on the tiny random LLaVA-NeXT: batching, determinism, resume, schema, token spans."""
+"""Notebook 03's generation on the tiny random LLaVA-NeXT: batching, determinism, resume, schema, token spans (the
+notebook itself: test_demo.py)."""
 import json
 
 import pytest
@@ -218,16 +219,3 @@ def test_4bit_adapter_generation_and_attention(demo_artifacts, val_studies):
     assert [r["id"] for r in records] == [s.id for s in val_studies[:2]] and all(r["n_tokens"] for r in records)
     analysis = attention.analyze_study(model, processor, val_studies[0], max_views=MAX_VIEWS, max_new_tokens=6)
     assert analysis["attention"].shape[1] == model.config.text_config.num_hidden_layers
-
-
-def test_notebook_03_demo(demo_artifacts):
-    """Notebook 03 end to end in the demo profile (make demo runs it after notebook 02 trained the adapter)."""
-    from helpers.run_notebooks import run_notebook
-
-    run_notebook("03_generate.ipynb", demo_artifacts, MAX_NEW_TOKENS=16, ATTENTION_STUDIES=2)
-    out = runs.Artifacts(demo_artifacts).run("demo").generate_dir
-    for split in ("val", "test"):
-        lines = (out / f"predictions_{split}.jsonl").read_text().splitlines()
-        assert len(lines) == 4 and all(set(json.loads(line)) >= {"id", "confidence"} for line in lines)
-    pngs = {p.name for p in (out / "attention").glob("*.png")}
-    assert "confidence.png" in pngs and sum(name.endswith("_visual_share.png") for name in pngs) == 2
