@@ -143,8 +143,8 @@ class ServerEngine:
             version = self.http.get(f"{self.url}/version")
         except httpx.HTTPError as error:
             raise JudgeServerError(f"JUDGE_URL {self.url}: no OpenAI-compatible server answers there "
-                                   f"({type(error).__name__}: {error}); start one (README, 'Judging through a "
-                                   f"server') or fix JUDGE_URL") from None
+                                   f"({type(error).__name__}: {error}); start one (docs/scaling.md, 'Judge "
+                                   f"servers') or fix JUDGE_URL") from None
         if version.status_code == 200 and "version" in version.json():
             return f"vLLM {version.json()['version']}"
         return "OpenAI-compatible server"
