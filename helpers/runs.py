@@ -3,11 +3,14 @@
     regions/        val_regions.json, annotation_with_val.json, cache.jsonl      (notebook 01)
     models/         tiny-llava/, tiny-green-format-judge/                         (demo stand-ins)
     train/<run>/    config.json, metrics.json, loss.png, adapter/, checkpoints/ (notebook 02);
-                    two_stage_dpo: candidates.jsonl, preferences.jsonl, preferences_summary.json
-    generate/<run>/ predictions_val.jsonl, predictions_test.jsonl, attention/  (notebook 03)
+                    two_stage_dpo: candidates.jsonl, preferences.jsonl, preferences_summary.json;
+                    hub/ (python -m helpers push)
+    generate/<run>/ predictions_val.jsonl, predictions_test.jsonl, attention/  (notebook 03);
+                    predictions_test_{blank,shuffled}.jsonl (grounding), predict/ (python -m helpers predict)
     eval/           green_cache.jsonl, retrieval_neighbors.json                 (notebook 04, shared by runs)
     eval/<run>/     green tables, per-pair judgments, plots/                    (notebook 04)
-    eval/compare/   every run and baseline side by side, paired differences, NLG metrics, plots/
+    eval/compare/   every run and baseline side by side, paired differences, NLG metrics, grounding.csv, report.md,
+                    plots/
 
 While `python -m helpers generate | evaluate` runs in N processes, each appends to its own shard next to the file it
 fills (predictions_test.process-0.jsonl, green_cache.process-1.jsonl, ...); the main process merges them into it.
