@@ -33,7 +33,7 @@ demo: venv
 	$(PY) -m helpers.run_notebooks --profile demo --out artifacts/demo $(if $(VISUAL_TOKENS),-p VISUAL_TOKENS $(VISUAL_TOKENS))
 
 test: venv
-	$(PY) -m pytest -q --durations=10 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 gpu-check: venv
 	$(PY) -m helpers.gpu_check
