@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import commands, storage
+from helpers import commands, demo_models, storage
 from helpers.runs import SPLIT_NAMES, Artifacts
 
 from conftest import ROOT
@@ -209,8 +210,10 @@ def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_pa
                                                       for s, t in zip(studies, train)))
         if processes == 1:
             run_helpers("split", artifacts)  # the val references
-        else:
-            shutil.copytree(tmp_path / "artifacts1" / "regions", artifacts / "regions")  # the same split, once
+        else:  # the same split, and the demo judge the first run built (BUILT_NOTE: not built again)
+            shutil.copytree(tmp_path / "artifacts1" / "regions", artifacts / "regions")
+            judge = Path("models") / demo_models.DEMO_JUDGE_DIR
+            shutil.copytree(tmp_path / "artifacts1" / judge, artifacts / judge)
         run_helpers("evaluate", artifacts, "--judge-batch-size", "2", "--meteor", "False", "--n-boot", "50",
                     "--clinical", "False", processes=processes)
         cache = [json.loads(line) for line in (artifacts / "eval" / "green_cache.jsonl").read_text().splitlines()]
