@@ -265,7 +265,7 @@ def test_a_kill_in_any_phase_resumes_with_nothing_lost_or_duplicated(tiny_model_
         training.train(run, config, fit, held, judge=green)
     first = run.candidates_path.read_text().splitlines()
     assert 0 < len(first) < len(studies) and not judge_calls
-    monkeypatch.setattr(training, "sample_batch", real_sample)
+    monkeypatch.setattr(preference_stage, "sample_batch", real_sample)
 
     # killed after the first preference checkpoint: candidates and pairs stay, training resumes from the checkpoint
     with pytest.raises(Interrupt):
