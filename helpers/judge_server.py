@@ -140,26 +140,3 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def main(argv=None) -> int:
-    """`python -m helpers.judge_server MODEL_DIR --port 8000`: `transformers serve` on a judge prepared as the project
-    serves it (`served_judge_dir`), in the foreground until Ctrl-C; then JUDGE_URL=http://127.0.0.1:8000."""
-    import argparse
-
-    from .judge import load_tokenizer
-
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("model_dir")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="float32", help="float32 on the CPU; float16 as GREEN runs on a GPU")
-    parser.add_argument("--workdir", default="artifacts/judge_server")
-    args = parser.parse_args(argv)
-    served = served_judge_dir(args.model_dir, load_tokenizer(args.model_dir), Path(args.workdir) / "served-judge")
-    command = transformers_serve_command(served, args.port, args.dtype)
-    print(" ".join(command), flush=True)
-    return subprocess.call(command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
