@@ -32,10 +32,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: venv
 	$(PY) -m helpers.run_notebooks --profile demo --out artifacts/demo $(if $(VISUAL_TOKENS),-p VISUAL_TOKENS $(VISUAL_TOKENS))
 
-# two pytest-xdist workers, a test file each; one torch thread per process, since two workers' thread pools on two
-# cores only spin against each other
+# two pytest-xdist workers, a test file each, the two longest files first; one torch thread per process, since two
+# workers' thread pools on two cores only spin against each other
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests/test_demo.py tests/test_commands.py tests
 
 gpu-check: venv
 	$(PY) -m helpers.gpu_check
