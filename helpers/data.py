@@ -171,7 +171,8 @@ def open_image(path: str | Path, study_id: str) -> Image.Image:
     An I image of another format, and float F, have no known value range: refused rather than guessed.
     """
     try:
-        if Path(path).suffix.lower() == ".dcm" or is_dicom(path):
+        suffix = Path(path).suffix.lower()
+        if suffix == ".dcm" or (suffix not in VIEW_SUFFIXES and is_dicom(path)):  # PNG/JPEG views: no extra read
             return read_dicom(path)
         with Image.open(path) as image:
             if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):

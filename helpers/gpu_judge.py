@@ -148,13 +148,15 @@ def measure_engine(engine: str, fields: dict, judge_dir: str, pairs: list[tuple[
     else:
         server = judge_server.transformers_serve(judge_dir, tokenizer, workdir / "served", dtype=fields["dtype"],
                                                  load_in_4bit=fields["load_in_4bit"])
-        runner = judge_engines.ServerEngine(server.url, concurrency=len(pairs))
-        start = time.perf_counter()
-        answers = runner.answer(prompts, lengths, texts)
+        try:
+            runner = judge_engines.ServerEngine(server.url, concurrency=len(pairs))
+            start = time.perf_counter()
+            answers = runner.answer(prompts, lengths, texts)
+            used = torch.cuda.mem_get_info() if torch.cuda.is_available() else None
+        finally:  # stopped on every path: the next measurement gets the GPU
+            server.stop()
     seconds = time.perf_counter() - start
     if server is not None:
-        used = torch.cuda.mem_get_info() if torch.cuda.is_available() else None
-        server.stop()
         failed = [a.reason for a in answers if isinstance(a, judge_engines.Failed)]
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(answers)} server requests failed: {failed[0]}")

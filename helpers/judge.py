@@ -189,7 +189,8 @@ class Judge:
     def release(self) -> None:
         """Drop the judge model and stop a server this judge started (the cache stays readable): what loads next has
         the GPU to itself."""
-        if self.server is not None:
+        if self.server is not None:  # a server this judge started (a JUDGE_URL's is the user's, and stays)
+            self.runner.close()
             self.server.stop()
             self.server = self.runner = None
         if self.engine == "continuous":

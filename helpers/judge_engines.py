@@ -185,7 +185,7 @@ class ServerEngine:
             raise JudgeServerError(
                 f"JUDGE_URL {self.url} read a prompt as {completion.usage.prompt_tokens} tokens where the judge's "
                 f"tokenizer makes {len(prompt_ids)}: it tokenizes otherwise (BOS or GREEN's appended EOS); serve the "
-                f"judge with helpers.judge_server.transformers_serve, or through vLLM, which takes token ids")
+                f"judge with `python -m helpers.serve_judge`, or through vLLM, which takes token ids")
         choice = completion.choices[0]
         token_ids = getattr(choice, "token_ids", None)  # vLLM's return_token_ids
         answer = {"token_ids": token_ids} if token_ids is not None else {"text": choice.text}
