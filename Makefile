@@ -32,10 +32,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: venv
 	$(PY) -m helpers.run_notebooks --profile demo --out artifacts/demo $(if $(VISUAL_TOKENS),-p VISUAL_TOKENS $(VISUAL_TOKENS))
 
-# two pytest-xdist workers, a test file each, the two longest files first; one torch thread per process, since two
-# workers' thread pools on two cores only spin against each other
+# two pytest-xdist workers, a test file each, in tests/conftest.py's order (the longest first; xdist would otherwise
+# start the files with the most tests first); one torch thread per process, since two workers' thread pools on two
+# cores only spin against each other
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests/test_demo.py tests/test_commands.py tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 gpu-check: venv
 	$(PY) -m helpers.gpu_check

@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,19 @@ DEMO_DPO_STUDIES = 4  # the session's demo chain: training studies its preferenc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a hub, here or in CI
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# make test's two workers take whole files in collection order (--dist loadfile --no-loadscope-reorder): the files
+# over 10 s first, longest first (measured: docs/testing.md), so that the short ones fill in at the end and both
+# workers finish together
+LONGEST_FIRST = ("test_demo.py", "test_commands.py", "test_green.py", "test_gpu_check.py", "test_judge_engines.py",
+                 "test_profile_emulation.py", "test_training.py", "test_outside_colab.py", "test_metrics.py",
+                 "test_run_notebooks.py", "test_preference.py", "test_clinical.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
 
 needs_shared = pytest.mark.skipif(not (SHARED_IU_XRAY / "annotation.json").is_file(),
                                   reason="../shared/iu_xray (the real annotation) is not present")
@@ -62,18 +76,21 @@ def model_and_processor(load_tiny):
 
 
 @pytest.fixture(scope="session")
-def demo_chain(tmp_path_factory) -> Path:
+def demo_chain(tmp_path_factory, green_judge_dir) -> Path:
     """`make demo`, run once per session: the four notebooks on the sample in the default visual-token mode (02 and
     03 once per preset of run_notebooks.DEMO_RUNS), into one artifacts folder. Tests read it and write nothing there,
     except test_demo.py's smoke chain (its own folders, checked to leave every other file byte for byte).
 
-    One parameter differs from a plain `make demo`: the preference stage samples candidates for DPO_STUDIES=4 training
-    studies (plus the 2 held out), not all 14: sampling is the chain's longest step, and 4 still give pairs to train on.
+    Two things differ from a plain `make demo`: the preference stage samples candidates for DPO_STUDIES=4 training
+    studies (plus the 2 held out), not all 14: sampling is the chain's longest step, and 4 still give pairs to train on;
+    and the demo judge is the session's build (`green_judge_dir`, the same build), copied where notebook 02 would build
+    it.
     """
-    from helpers import modeling
+    from helpers import demo_models, modeling
     from helpers.run_notebooks import main
 
     out = tmp_path_factory.mktemp("demo")
+    shutil.copytree(green_judge_dir, out / "models" / demo_models.DEMO_JUDGE_DIR)
     assert main(["--out", str(out), "-p", "VISUAL_TOKENS", modeling.DEFAULT_VISUAL_TOKENS,
                  "-p", "DPO_STUDIES", str(DEMO_DPO_STUDIES)]) == 0
     return out
@@ -89,9 +106,14 @@ def close_figures():
 
 
 @pytest.fixture(scope="session")
-def green_judge_dir(tmp_path_factory, sample_studies) -> Path:
-    """The demo's tiny GREEN-format judge, built once per session from the sample's report text."""
+def green_judge_dir(tmp_path_factory, worker_id, sample_studies) -> Path:
+    """The demo's tiny GREEN-format judge, the one notebook 04 builds from the sample's report text: built once per
+    session, by the first xdist worker that needs it (a file lock, pytest-xdist's recipe), into the folder the
+    workers' own temporary folders share; a build takes ~18 s and four test files use it."""
+    from filelock import FileLock
+
     from helpers import demo_models
 
-    return demo_models.build_random_judge(tmp_path_factory.mktemp("green-judge") / "tiny-green-judge",
-                                          demo_models.tokenizer_corpus(sample_studies))
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with FileLock(shared / "tiny-green-judge.lock"):  # build_random_judge returns a finished build as it is
+        return demo_models.build_random_judge(shared / "tiny-green-judge", demo_models.tokenizer_corpus(sample_studies))

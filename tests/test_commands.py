@@ -7,12 +7,11 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from helpers import commands, demo_models, storage
+from helpers import commands, demo_models, grounding, storage
 from helpers.runs import SPLIT_NAMES, Artifacts
 
 from conftest import ROOT
@@ -118,8 +117,10 @@ def ddp_run(tmp_path_factory):
     return artifacts
 
 
-# batches of one long report: each takes long enough on the CPU for the kill below to land between two of them
-GENERATE = ("--run-name", "ddp", "--batch-size", "1", "--max-new-tokens", "200", "--attention-studies", "0")
+# batches of one long report: each takes long enough on the CPU for the kill below to land between two of them; the
+# grounding check on 2 test studies, so that each ablation's studies spread over the 2 processes too
+GENERATE = ("--run-name", "ddp", "--batch-size", "1", "--max-new-tokens", "200", "--attention-studies", "0",
+            "--grounding-studies", "2")
 
 
 def copy_of_trained(ddp_run, tmp_path):
@@ -131,10 +132,11 @@ def copy_of_trained(ddp_run, tmp_path):
 
 
 def predictions(artifacts):
-    """{split: the predictions file's records in file order}."""
+    """{split or grounding ablation: the predictions file's records in file order}."""
     run = Artifacts(artifacts).run("ddp")
-    return {split: [json.loads(line) for line in run.predictions(split).read_text().splitlines()]
-            for split in SPLIT_NAMES}
+    paths = {**{split: run.predictions(split) for split in SPLIT_NAMES},
+             **{ablation: grounding.predictions_path(run, ablation) for ablation in grounding.ABLATIONS}}
+    return {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in paths.items()}
 
 
 def test_two_process_train_finishes_the_run(ddp_run, sample_studies):
@@ -175,7 +177,8 @@ def test_two_process_generate_equals_one_process(ddp_run, one_process_prediction
     for split in SPLIT_NAMES:
         ids = [r["id"] for r in two[split]]
         assert sorted(ids) == sorted(s.id for s in sample_studies if s.split == split)  # each study exactly once
-    assert two == one_process_predictions  # same records (texts, confidences), in the same order
+    assert all(len(two[ablation]) == 2 for ablation in grounding.ABLATIONS)
+    assert two == one_process_predictions  # same records (texts, confidences), in the same order, ablations too
     assert not list((artifacts / "generate" / "ddp").glob("*.process-*"))
 
 
@@ -189,31 +192,31 @@ def test_killed_two_process_generate_resumes_without_loss_or_duplicates(ddp_run,
     assert 0 < done < sum(len(v) for v in one_process_predictions.values())  # killed part-way
     run_helpers("generate", artifacts, *GENERATE, processes=2)
     resumed = predictions(artifacts)
-    for split in SPLIT_NAMES:
-        ids = [r["id"] for r in resumed[split]]
+    for name, records in resumed.items():
+        ids = [r["id"] for r in records]
         assert len(ids) == len(set(ids))
-        assert {r["id"]: r for r in resumed[split]} == {r["id"]: r for r in one_process_predictions[split]}
+        assert {r["id"]: r for r in records} == {r["id"]: r for r in one_process_predictions[name]}
     assert not list(generate_dir.glob("*.process-*"))
 
 
-def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_path):
-    """The judge's pairs spread over 2 processes: the same judge cache and the same tables as one process."""
+def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_path, green_judge_dir):
+    """The judge's pairs spread over 2 processes: the same judge cache and the same tables as one process. The demo
+    judge is the session's build, copied where the command would build the same one (BUILT_NOTE: not built again)."""
     train = [s for s in sample_studies if s.split == "train"]
     outputs = {}
     for processes in (1, 2):
         artifacts = copy_of_trained(ddp_run, tmp_path / f"artifacts{processes}")
+        shutil.copytree(green_judge_dir, artifacts / "models" / demo_models.DEMO_JUDGE_DIR)
         run = Artifacts(artifacts).run("ddp")
         run.generate_dir.mkdir(parents=True)
         for split in SPLIT_NAMES:  # predictions: the reports of train studies, short real text for the judge
             studies = [s for s in sample_studies if s.split == split]
             run.predictions(split).write_text("".join(json.dumps({"id": s.id, "regions": t.regions}) + "\n"
                                                       for s, t in zip(studies, train)))
-        if processes == 1:
-            run_helpers("split", artifacts)  # the val references
-        else:  # the same split, and the demo judge the first run built (BUILT_NOTE: not built again)
+        if processes == 1:  # the val references (the split's own command runs on 1 process: in this one)
+            assert commands.main(["split", "--profile", "demo", "--artifacts-dir", str(artifacts)]) == 0
+        else:
             shutil.copytree(tmp_path / "artifacts1" / "regions", artifacts / "regions")
-            judge = Path("models") / demo_models.DEMO_JUDGE_DIR
-            shutil.copytree(tmp_path / "artifacts1" / judge, artifacts / judge)
         run_helpers("evaluate", artifacts, "--judge-batch-size", "2", "--meteor", "False", "--n-boot", "50",
                     "--clinical", "False", processes=processes)
         cache = [json.loads(line) for line in (artifacts / "eval" / "green_cache.jsonl").read_text().splitlines()]

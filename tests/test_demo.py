@@ -1,6 +1,6 @@
 """`make demo` end to end: the four notebooks in order (02 and 03 once per preset), each reading what the one before
-wrote (the session's `demo_chain`, default visual-token mode); then the smoke chain beside it in a second mode, and
-notebooks 02 and 03 in the third on the smallest case, the smoke's studies."""
+wrote (the session's `demo_chain`, default visual-token mode); then the smoke chain beside it in a second mode (the
+third: test_third_visual_token_mode.py)."""
 import hashlib
 import json
 
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from test_report import check_demo_report
 
-from helpers import commands, demo_models, modeling, reports, runs, smoke, training
+from helpers import commands, demo_models, modeling, reports, runs, smoke
 from helpers.modeling import load_for_inference, load_processor, training_chat_template
 from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 
@@ -16,7 +16,7 @@ from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 # deprecations of the libraries' APIs, the HF Trainer's raw log dicts (the loss is in metrics.json and the plot)
 NOISE = ["IProgress not found", "without encryption", "FutureWarning", "{'loss'", "'train_runtime'"]
 WIDGET = "application/vnd.jupyter.widget-view+json"
-# the modes besides the default one: the smoke chain runs in the first, notebooks 02 and 03 alone in the second
+# the modes besides the default one: the smoke chain runs in the first, training and generation alone in the second
 SMOKE_CHAIN_MODE, SMALLEST_CASE_MODE = (m for m in modeling.VISUAL_TOKENS if m != modeling.DEFAULT_VISUAL_TOKENS)
 
 
@@ -97,18 +97,6 @@ def test_notebook_02_writes_the_run_contract(demo_chain, sample_studies):
 def test_the_smoke_chain_beside_the_real_runs(demo_chain):
     """SMOKE=True through the four notebooks into the demo's folder, in a second visual-token mode."""
     check_smoke_chain(demo_chain, SMOKE_CHAIN_MODE)
-
-
-def test_the_third_visual_token_mode_trains_and_generates(tmp_path):
-    """`make demo VISUAL_TOKENS=...`'s notebooks that depend on the mode, 02 then 03, on the smallest case: the
-    smoke's studies. No RUN_NAME: 02 names the run "<model>-<preset>" and 03 finds it as the only trained run."""
-    mode = SMALLEST_CASE_MODE
-    assert main(["--out", str(tmp_path), "-p", "VISUAL_TOKENS", mode, "-p", "SMOKE", "True",
-                 "02_sft_lora_qlora.ipynb", "03_generate.ipynb"]) == 0
-    check_executed(tmp_path / "executed")
-    run = smoke.Artifacts(tmp_path, True).find_run()
-    assert run.name == smoke.run_name(training.default_run_name("tiny-llava", "two_stage"), True)
-    check_run(run, mode, "two_stage", attention_studies=1)
 
 
 def check_run(run, mode: str, preset: str, attention_studies: int = 3):

@@ -1,30 +1,40 @@
 """`make gpu-check` in its dry run (every part on the CPU at tiny widths, one JSON with the expected records), its
 --quick mode, its failure handling, and the fit rules it applies on the GPUs users have."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import gpu_check, gpu_judge, gpu_plan, settings
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def positive(record, *fields):
     return all(isinstance(record[f], (int, float)) and record[f] > 0 for f in fields)
 
 
-def test_dry_run_measures_every_part(tmp_path):
+def record_writes(monkeypatch, out) -> list[list[int]]:
+    """Each write of `out`: its number of records per part, in gpu_plan.PARTS order."""
+    written, write = [], gpu_check.atomic_write_json
+    monkeypatch.setattr(gpu_check, "atomic_write_json", lambda path, obj: (
+        path == out and written.append([len(obj.get(part, [])) for part in gpu_plan.PARTS]), write(path, obj)))
+    return written
+
+
+def test_dry_run_measures_every_part_and_writes_after_each_measurement(tmp_path, monkeypatch):
+    """`make gpu-check`'s run, every part, on the CPU at tiny widths."""
     out = tmp_path / "gpu_check.json"
-    run = subprocess.run([sys.executable, "-m", "helpers.gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    written = record_writes(monkeypatch, out)
+    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
+    # one write per measurement, each adding one record: 6 training cells, 4 generation cells, 2 judge loops,
+    # 3 judge engines
+    per_part, expected = {"train": 6, "generate": 4, "judge": 2, "judge_engines": 3}, []
+    for index, part in enumerate(gpu_plan.PARTS):
+        expected += [[*(per_part[p] for p in gpu_plan.PARTS[:index]), n, *[0] * (len(gpu_plan.PARTS) - index - 1)]
+                     for n in range(1, per_part[part] + 1)]
+    assert written == expected
     result = json.loads(out.read_text())
     assert result["dry_run"] is True and result["quick"] is False and result["device"]["transformers"]
+    assert gpu_plan.problems(result) == []
 
     measured = result["train"]
     assert [(r["visual_tokens"], r["views_per_study"]) for r in measured] == [(m, v) for m in ("tile", "base")
@@ -48,30 +58,29 @@ def test_dry_run_measures_every_part(tmp_path):
     assert positive(ours, "seconds_per_pair") and positive(shipped, "seconds_per_pair")
     assert shipped["same_responses"] is None  # ours ran in fp32, GREEN in fp16: not comparable
 
+    # the engines on the same pairs, on the CPU in fp32: every engine gives static's answers
+    engines = {r["engine"]: r for r in result["judge_engines"]}
+    assert list(engines) == ["static", "continuous", "server"]
+    assert all(r["identical_to_static"] == 1.0 and positive(r, "pairs_per_s", "answer_tokens_per_s")
+               for r in engines.values())
+    assert engines["static"]["pairs"] == engines["continuous"]["pairs"] > engines["server"]["pairs"]
 
-def test_quick_dry_run_appends_each_measurement_and_a_failure_does_not_stop_the_run(tmp_path, monkeypatch):
-    """--quick in this process; then --part judge with our loop failing and GREEN in a child process (as on a
-    machine with two GPUs): the earlier records stay, the failure is recorded, the next measurement still runs."""
+
+def test_quick_parts_add_up_and_a_failure_does_not_stop_the_run(tmp_path, monkeypatch):
+    """--quick, one part at a time (its measurements are the full run's, on fewer cells): training and generation;
+    then the judge with our loop failing and GREEN in a child process (as on a machine with two GPUs): the earlier
+    records stay, the failure is recorded, the next measurement still runs."""
     out, workdir = tmp_path / "gpu_check.json", str(tmp_path / "work")
-    written, write = [], gpu_check.atomic_write_json
-    monkeypatch.setattr(gpu_check, "atomic_write_json", lambda path, obj: (
-        path == out and written.append([len(obj.get(part, [])) for part in gpu_plan.PARTS]), write(path, obj)))
-    assert gpu_check.main(["--dry-run", "--quick", "--out", str(out), "--workdir", workdir]) == 0
-    # one write per measurement, each adding one record: 2 training views, 2 generation precisions, 2 judge loops,
-    # 3 judge engines
-    assert written == [[1, 0, 0, 0], [2, 0, 0, 0], [2, 1, 0, 0], [2, 2, 0, 0], [2, 2, 1, 0], [2, 2, 2, 0],
-                       [2, 2, 2, 1], [2, 2, 2, 2], [2, 2, 2, 3]]
+    written = record_writes(monkeypatch, out)
+    for part in ("train", "generate"):
+        assert gpu_check.main(["--dry-run", "--quick", "--part", part, "--out", str(out), "--workdir", workdir]) == 0
+    # the same machine and mode: the second part's records join the first's, one write per measurement
+    assert written == [[1, 0, 0, 0], [2, 0, 0, 0], [2, 1, 0, 0], [2, 2, 0, 0]]
     quick = json.loads(out.read_text())
     assert quick["quick"] is True and quick["dry_run"] is True
     assert [(r["visual_tokens"], r["views_per_study"]) for r in quick["train"]] == [("base", 1), ("base", 3)]
     assert [(r["load_in_4bit"], r["batch_size"]) for r in quick["generate"]] == [(True, 2), (False, 2)]
     assert gpu_plan.problems(quick) == []
-    # the engines on the same pairs, on the CPU in fp32: every engine gives static's answers
-    engines = {r["engine"]: r for r in quick["judge_engines"]}
-    assert list(engines) == ["static", "continuous", "server"]
-    assert all(r["identical_to_static"] == 1.0 and positive(r, "pairs_per_s", "answer_tokens_per_s")
-               for r in engines.values())
-    assert engines["static"]["pairs"] == engines["continuous"]["pairs"] > engines["server"]["pairs"]
 
     measure = gpu_check.Check.measure_judge
 
@@ -85,10 +94,9 @@ def test_quick_dry_run_appends_each_measurement_and_a_failure_does_not_stop_the_
     monkeypatch.setattr(gpu_check, "shipped_green_env", lambda count, environ: real_env(2, environ))
     written.clear()
     assert gpu_check.main(["--dry-run", "--quick", "--part", "judge", "--out", str(out), "--workdir", workdir]) == 1
-    assert written == [[2, 2, 1, 3], [2, 2, 2, 3]]  # the same machine and mode: parts add up in one JSON
+    assert written == [[2, 2, 1, 0], [2, 2, 2, 0]]
     result = json.loads(out.read_text())
     assert result["train"] == quick["train"] and result["generate"] == quick["generate"]
-    assert result["judge_engines"] == quick["judge_engines"]
     failed, shipped = result["judge"]
     assert failed["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"
     assert positive(shipped, "seconds_per_pair", "generated_tokens_max") and shipped["same_responses"] is None

@@ -246,10 +246,10 @@ def test_baselines(tmp_path, sample_studies, tiny_model_dir):
     assert all(p["regions"] == {r: by_id[p["train_id"]].regions[r] for r in REGIONS} for p in predictions.values())
 
 
-def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
+def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir, green_judge_dir):
     """Notebook 04 in the demo profile on two runs written here (notebooks 01-03's outputs), with part of the judge
     cache hand-written so the tables and the paired differences hold known numbers; the other pairs (baselines) go to
-    the tiny random judge."""
+    the demo's judge (the session's build, the one the notebook would build). METEOR and RadEval: test_demo.py."""
     import pandas as pd
 
     from helpers.run_notebooks import run_notebook
@@ -263,6 +263,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
     (artifacts / "regions" / "annotation_with_val.json").write_text(json.dumps(annotation))
     (artifacts / "models").mkdir()
     (artifacts / "models" / "tiny-llava").symlink_to(tiny_model_dir)
+    (artifacts / "models" / demo_models.DEMO_JUDGE_DIR).symlink_to(green_judge_dir)
     references = {"val": {e["id"]: e["report"] for e in annotation["val"]},
                   "test": {e["id"]: e["report"] for e in annotation["test"]}}
     # run "a" repeats each reference and its judge says 1 match, 1 error (GREEN 0.5); run "b" adds a sentence to each
@@ -283,7 +284,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir):
                 responses.update({(ref, cand): said if ref else answer(0) for ref, cand in texts})
     seed_cache(artifacts / "eval" / "green_cache.jsonl", str(artifacts / "models" / demo_models.DEMO_JUDGE_DIR), responses)
 
-    run_notebook("04_green_eval.ipynb", artifacts, profile="demo", CLINICAL=False)  # RadEval: test_demo.py
+    run_notebook("04_green_eval.ipynb", artifacts, profile="demo", METEOR=False, CLINICAL=False)
 
     columns = ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report"]
     for run, expected in (("a", 0.5), ("b", 1.0)):

@@ -13,7 +13,7 @@ import torch
 
 from transformers import TrainerCallback
 
-from helpers import (attention, data, demo_models, generation, judge, modeling, preference, preference_stage, runs,
+from helpers import (attention, data, generation, judge, modeling, preference, preference_stage, runs,
                      settings, train_data, training)
 from helpers.settings import torch_dtype
 
@@ -66,12 +66,6 @@ class StageArguments(TrainerCallback):
             "trainable": {p.dtype for p in model.parameters() if p.requires_grad}}
 
 
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory, sample_studies):
-    return demo_models.build_random_judge(tmp_path_factory.mktemp("judge") / "tiny-green-judge",
-                                          demo_models.tokenizer_corpus(sample_studies))
-
-
 def emulated_judge(emulated, judge_dir, cache, max_new_tokens):
     """The demo's judge in the settings' precision and 4-bit choice, at the profile's batch size."""
     return judge.Judge(str(judge_dir), cache, load_in_4bit=emulated.judge_4bit,
@@ -79,7 +73,7 @@ def emulated_judge(emulated, judge_dir, cache, max_new_tokens):
                        max_new_tokens=max_new_tokens)
 
 
-def test_profile_emulation_chain(emulated, tiny_model_dir, judge_dir, sample_studies, tmp_path, monkeypatch):
+def test_profile_emulation_chain(emulated, tiny_model_dir, green_judge_dir, sample_studies, tmp_path, monkeypatch):
     profile = emulated.profile
     print(f"{profile}: {CPU_STANDS_IN[profile]}")
     assert {k: getattr(emulated, k) for k in EXPECTED[profile]} == EXPECTED[profile]
@@ -91,7 +85,7 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, judge_dir, sample_stu
     fit = fit[:2 * emulated.batch_size]
     stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage_dpo"]]
     demo_answer = settings.PROFILES["demo"]["judge_max_new_tokens"]  # the tiny judge's answers end within it
-    green = emulated_judge(emulated, judge_dir, tmp_path / "rewards_cache.jsonl", demo_answer)
+    green = emulated_judge(emulated, green_judge_dir, tmp_path / "rewards_cache.jsonl", demo_answer)
     # target_tokens_max: generation runs up to 1.5x this many tokens (the random model never stops); min_gap 0: any
     # two distinct candidates of the barely trained model pair
     config = training.make_config(emulated, model_id=str(tiny_model_dir), max_length=1024, stages=stages,
@@ -141,7 +135,7 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, judge_dir, sample_stu
 
     # notebook 04: the GREEN judge in the settings' precision (4-bit on the T4), at the profile's batch size, within
     # the demo's answer budget (the tiny judge's answers end there)
-    green = emulated_judge(emulated, judge_dir, tmp_path / "green_cache.jsonl", demo_answer)
+    green = emulated_judge(emulated, green_judge_dir, tmp_path / "green_cache.jsonl", demo_answer)
     pairs = [(s.regions["lung"], records[s.id]["regions"]["lung"] or "No finding.") for s in test[:2]]
     judged = green.judge(pairs)
     assert len(judged) == 2 and all(r["judge"] == green.label for r in judged)
