@@ -140,11 +140,13 @@ def measure_engine(engine: str, fields: dict, judge_dir: str, pairs: list[tuple[
         static_answers(model, tokenizer, texts[:1], [2], 1)  # warm-up
         start = time.perf_counter()
         answers = static_answers(model, tokenizer, texts, lengths, fields["batch_size"])
+        seconds = time.perf_counter() - start
     elif engine == "continuous":
         runner = judge_engines.ContinuousEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         runner.answer(prompts[:1], [2])  # warm-up
         start = time.perf_counter()
         answers = [a["token_ids"] for a in runner.answer(prompts, lengths)]
+        seconds = time.perf_counter() - start
     else:
         server = judge_server.transformers_serve(judge_dir, tokenizer, workdir / "served", dtype=fields["dtype"],
                                                  load_in_4bit=fields["load_in_4bit"])
@@ -152,10 +154,11 @@ def measure_engine(engine: str, fields: dict, judge_dir: str, pairs: list[tuple[
             runner = judge_engines.ServerEngine(server.url, concurrency=len(pairs))
             start = time.perf_counter()
             answers = runner.answer(prompts, lengths, texts)
+            seconds = time.perf_counter() - start  # the server's shutdown below is not part of the measurement
             used = torch.cuda.mem_get_info() if torch.cuda.is_available() else None
+            runner.close()
         finally:  # stopped on every path: the next measurement gets the GPU
             server.stop()
-    seconds = time.perf_counter() - start
     if server is not None:
         failed = [a.reason for a in answers if isinstance(a, judge_engines.Failed)]
         if failed:

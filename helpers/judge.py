@@ -190,9 +190,11 @@ class Judge:
         """Drop the judge model and stop a server this judge started (the cache stays readable): what loads next has
         the GPU to itself."""
         if self.server is not None:  # a server this judge started (a JUDGE_URL's is the user's, and stays)
-            self.runner.close()
-            self.server.stop()
-            self.server = self.runner = None
+            try:
+                self.runner.close()
+            finally:
+                self.server.stop()
+                self.server = self.runner = None
         if self.engine == "continuous":
             self.runner = None
         self.model = self.tokenizer = None

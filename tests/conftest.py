@@ -107,9 +107,10 @@ def close_figures():
 
 @pytest.fixture(scope="session")
 def green_judge_dir(tmp_path_factory, worker_id, sample_studies) -> Path:
-    """The demo's tiny GREEN-format judge, the one notebook 04 builds from the sample's report text: built once per
-    session, by the first xdist worker that needs it (a file lock, pytest-xdist's recipe), into the folder the
-    workers' own temporary folders share; a build takes ~18 s and four test files use it."""
+    """The demo's tiny GREEN-format judge, as notebooks 02 and 04 build it from the sample's report text (the same
+    files byte for byte, compared once: docs/testing.md): built once per session, by the first xdist worker that needs
+    it (a file lock, pytest-xdist's recipe), into the folder the workers' own temporary folders share; a build takes
+    ~18 s and five test files use it."""
     from filelock import FileLock
 
     from helpers import demo_models

@@ -213,7 +213,7 @@ def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_pa
             studies = [s for s in sample_studies if s.split == split]
             run.predictions(split).write_text("".join(json.dumps({"id": s.id, "regions": t.regions}) + "\n"
                                                       for s, t in zip(studies, train)))
-        if processes == 1:  # the val references (the split's own command runs on 1 process: in this one)
+        if processes == 1:  # the val references, by the split command in this process
             assert commands.main(["split", "--profile", "demo", "--artifacts-dir", str(artifacts)]) == 0
         else:
             shutil.copytree(tmp_path / "artifacts1" / "regions", artifacts / "regions")

@@ -27,11 +27,9 @@ def test_dry_run_measures_every_part_and_writes_after_each_measurement(tmp_path,
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
     # one write per measurement, each adding one record: 6 training cells, 4 generation cells, 2 judge loops,
     # 3 judge engines
-    per_part, expected = {"train": 6, "generate": 4, "judge": 2, "judge_engines": 3}, []
-    for index, part in enumerate(gpu_plan.PARTS):
-        expected += [[*(per_part[p] for p in gpu_plan.PARTS[:index]), n, *[0] * (len(gpu_plan.PARTS) - index - 1)]
-                     for n in range(1, per_part[part] + 1)]
-    assert written == expected
+    added = [[now - before for before, now in zip(previous, current)]
+             for previous, current in zip([[0] * len(gpu_plan.PARTS)] + written, written)]
+    assert all(sorted(step) == [0, 0, 0, 1] for step in added) and written[-1] == [6, 4, 2, 3]
     result = json.loads(out.read_text())
     assert result["dry_run"] is True and result["quick"] is False and result["device"]["transformers"]
     assert gpu_plan.problems(result) == []
