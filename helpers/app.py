@@ -1,7 +1,7 @@
-"""A Gradio app for your own X-ray: upload 1 to 4 views (PNG, JPEG, DICOM), read the four-region report and the
-attention overlays, inline in notebook 03. gradio is Colab's preinstalled one, imported only when the app is built
-(requirements.txt leaves it out: gradio pins pillow<13, which would downgrade this stack's Pillow); a headless run
-(papermill, nbconvert, a command) never starts it."""
+"""A Gradio app for your own X-ray: upload 1 to 4 views (PNG, JPEG, DICOM, compressed or not), read the four-region
+report and the attention overlays, inline in notebook 03. gradio is pinned in requirements.txt (with Pillow below 13,
+as it requires) and imported only when the app is built; a headless run (papermill, nbconvert, a command) never
+starts it. tests/test_app.py serves it on 127.0.0.1 and drives it through gradio_client."""
 from __future__ import annotations
 
 from functools import partial

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from transformers.image_processing_utils import select_best_resolution
 
+from .errors import OptionError
 from .data import study_images
 from .generation import generated_length, region_token_indices, token_char_ends
 from .modeling import generation_inputs, image_tokens_per_view
@@ -178,7 +179,7 @@ def chosen_studies(splits: dict[str, list], ids: list[str] | None = None, first:
     by_id = {s.id: s for items in splits.values() for s in items}
     unknown = sorted(set(ids or ()) - set(by_id))
     if unknown:
-        raise ValueError(f"ATTENTION_IDS not among the readable val/test studies: {unknown}")
+        raise OptionError(f"ATTENTION_IDS not among the readable val/test studies: {unknown}")
     return [by_id[i] for i in ids] if ids else splits["val"][:first]
 
 

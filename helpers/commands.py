@@ -18,12 +18,14 @@ import argparse
 import ast
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import papermill
 
+from .errors import UserError
 from .settings import get_secret, processes, setup
 from .smoke import Artifacts
 
@@ -276,6 +278,8 @@ STEPS = {"split": split, "train": train, "generate": generate, "evaluate": evalu
 
 
 def main(argv=None) -> int:
+    """Run one step; a user error (`helpers.errors.UserError`: bad input, a step not done yet) is printed as one line on
+    stderr, `error: ...`, with exit status 2, as argparse does for a bad option; a bug keeps its traceback."""
     args = vars(build_parser().parse_args(argv))
     step = args.pop("step")
     params = SimpleNamespace(**args)
@@ -283,8 +287,12 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         if not state.is_main_process:  # one process speaks; the others' progress bars still show (stderr)
             stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-        settings = setup(params.PROFILE, params.DATA_DIR, params.ARTIFACTS_DIR)
-        STEPS[step](params, settings, Artifacts(settings.artifacts_dir, params.SMOKE))
+        try:
+            settings = setup(params.PROFILE, params.DATA_DIR, params.ARTIFACTS_DIR)
+            STEPS[step](params, settings, Artifacts(settings.artifacts_dir, params.SMOKE))
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     state.wait_for_everyone()
     if state.num_processes > 1:
         state.destroy_process_group()

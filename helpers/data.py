@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .dicom import is_dicom, read_dicom
+from .errors import UserError
+from .dicom import dicom_size, is_dicom, read_dicom
 
 REGIONS = ("lung", "heart", "mediastinal", "bone")  # generated and scored
 ALL_REGIONS = REGIONS + ("others",)  # what a split report holds; 'others' is kept, never trained or scored
@@ -20,7 +21,7 @@ VIEWS = "*.{png,jpg,jpeg,dcm}"  # how messages name them
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit grayscale, in each byte order PIL has
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the study and what is wrong."""
 
 
@@ -160,19 +161,36 @@ def _list_views(folder: Path) -> tuple[list[Path], list[Path]]:
     return views, [p for p in entries if p not in views]
 
 
+def _is_dicom_view(path: str | Path) -> bool:
+    """A `.dcm` file, or a file of no view suffix with DICOM's marker (PNG/JPEG views: no extra read)."""
+    suffix = Path(path).suffix.lower()
+    return suffix == ".dcm" or (suffix not in VIEW_SUFFIXES and is_dicom(path))
+
+
+def image_size(path: str | Path, study_id: str) -> tuple[int, int]:
+    """(width, height) of the image `open_image` returns, from the file's header: fast on the full data set."""
+    try:
+        if _is_dicom_view(path):
+            return dicom_size(path)
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError) as e:  # UnidentifiedImageError is an OSError; ValueError: dicom's refusals
+        raise DataError(f"{path}: study {study_id}: cannot read image ({e})") from None
+
+
 def open_image(path: str | Path, study_id: str) -> Image.Image:
     """An RGB image, with 8 bits per channel; a file it cannot read or scale raises a DataError naming it and its study.
 
     DICOM (a `.dcm` file, or any file with DICOM's marker) goes through `dicom.read_dicom`: rescale, VOI LUT or
-    window, MONOCHROME1 inverted; multi-frame files and compressed ones without an installed decoder are refused.
+    window, MONOCHROME1 inverted; compressed pixel data decoded (JPEG, JPEG-LS, JPEG 2000, RLE); a file without the
+    preamble or without its transfer syntax read all the same; multi-frame files refused.
     8-bit modes (L, P, RGB, RGBA, LA, CMYK, ...) convert as PIL does. 16-bit grayscale, common in DICOM exports, is
     scaled by its bit depth, value * 255 / 65535, where PIL's convert would clip every value above 255 to white.
     Pillow 13 opens such a PNG as I;16, older releases as I (32-bit), which in a PNG comes only from 16-bit grayscale.
     An I image of another format, and float F, have no known value range: refused rather than guessed.
     """
     try:
-        suffix = Path(path).suffix.lower()
-        if suffix == ".dcm" or (suffix not in VIEW_SUFFIXES and is_dicom(path)):  # PNG/JPEG views: no extra read
+        if _is_dicom_view(path):
             return read_dicom(path)
         with Image.open(path) as image:
             if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):

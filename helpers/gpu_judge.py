@@ -62,6 +62,8 @@ def shipped_green(judge_dir: str, pairs: list[tuple[str, str]]) -> dict:
     free_and_reset()
     shipped = GREEN(judge_dir, cpu=not torch.cuda.is_available(), compute_summary_stats=False)
     shipped.tokenizer.batch_encode_plus = shipped.tokenizer.__call__  # removed in transformers 5 (tests/test_green.py)
+    shipped.tokenizer.add_bos_token = True  # BOS and EOS, as under green-score's transformers 4.40 (judge.load_tokenizer)
+    shipped.tokenizer.update_post_processor()
     prompts, fields = prompt_fields(shipped.tokenizer, pairs)
     judge.generate_responses(shipped.model, shipped.tokenizer, prompts[:1], 2)  # warm-up
     generate, new_tokens = shipped.model.generate, []
@@ -148,12 +150,13 @@ def measure_engine(engine: str, fields: dict, judge_dir: str, pairs: list[tuple[
         answers = [a["token_ids"] for a in runner.answer(prompts, lengths)]
         seconds = time.perf_counter() - start
     else:
-        server = judge_server.transformers_serve(judge_dir, tokenizer, workdir / "served", dtype=fields["dtype"],
+        server = judge_server.transformers_serve(judge_dir, workdir / "served", dtype=fields["dtype"],
                                                  load_in_4bit=fields["load_in_4bit"])
         try:
             runner = judge_engines.ServerEngine(server.url, concurrency=len(pairs))
+            served = judge_engines.served_texts(judge.shipped_tokenizer(judge_dir), prompts)
             start = time.perf_counter()
-            answers = runner.answer(prompts, lengths, texts)
+            answers = runner.answer(prompts, lengths, served)
             seconds = time.perf_counter() - start  # the server's shutdown below is not part of the measurement
             used = torch.cuda.mem_get_info() if torch.cuda.is_available() else None
             runner.close()

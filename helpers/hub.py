@@ -11,6 +11,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from .colab import REPO_URL
 from .green import markdown_table
 from .report import DEMO_NOTE, green_tables, method, read_compare
+from .errors import MissingError, UserError
 from .settings import get_secret
 
 TAGS = ["medical", "radiology", "chest-x-ray", "radiology-report-generation", "llava-next", "lora", "peft"]
@@ -97,7 +98,7 @@ def prepare(run, artifacts, repo_id: str) -> Path:
     """train/<run>/hub/, written afresh: the adapter folder (weights, adapter_config.json, processor), training/ with
     config.json and metrics.json, and README.md, the model card."""
     if not run.trained:
-        raise FileNotFoundError(f"{run.adapter_dir}: no trained adapter; finish notebook 02 for run {run.name!r}")
+        raise MissingError(f"{run.adapter_dir}: no trained adapter; finish notebook 02 for run {run.name!r}")
     folder = hub_dir(run)
     if folder.exists():
         shutil.rmtree(folder)
@@ -118,7 +119,7 @@ def push(run, artifacts, repo_id: str, *, dry_run: bool = False, private: bool =
         return str(folder)
     token = get_secret("HF_TOKEN")
     if not token:
-        raise RuntimeError("HF_TOKEN is not set: add a write token to Colab's secrets or the environment")
+        raise UserError("HF_TOKEN is not set: add a write token to Colab's secrets or the environment")
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"{run.name}: adapter, processor, "

@@ -16,15 +16,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .errors import OptionError
 from . import judge_engines, judge_server
 from .judge_engines import Failed
 from .lm import greedy_generate, left_padded, load_weights
-from .settings import GREEN_TOKEN_BUDGET as GREEN_MAX_LENGTH
+from .settings import GREEN_TOKEN_BUDGET as GREEN_MAX_LENGTH, get_secret
 from .storage import free_gpu_memory, open_store, run_sharded, sha256
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-RadLlama2-7b"
 ENGINES = ("static", "continuous", "server")
-# continuous batching: the answers of the static loop in every profile's numerics (tests/test_judge_engines.py), faster
+# continuous batching: faster; on the CPU the static loop's answers in every profile's numerics
+# (tests/test_judge_engines.py), on a GPU not always (judge_label), so its answers are cached apart
 DEFAULT_ENGINE = "continuous"
 ERROR_CATEGORIES = ("a", "b", "c", "d", "e", "f")  # GREEN's clinically significant error types, in its order
 # GREEN sets this template on its tokenizer inside GREEN.__init__ (a local variable there, not importable);
@@ -51,8 +53,13 @@ def judge_messages(reference: str, candidate: str) -> list[dict]:
     return [{"from": "human", "value": make_prompt(reference, candidate)}, {"from": "gpt", "value": ""}]
 
 
+# Version 2: prompts begin with BOS, as GREEN's tokenizer makes them (`load_tokenizer`); under transformers 5 they
+# lacked it before, so answers cached under version 1 are judged again rather than reused
+CACHE_VERSION = "2"
+
+
 def judge_key(judge_id: str, reference: str, candidate: str) -> str:
-    return sha256(judge_id, reference, candidate)
+    return sha256(CACHE_VERSION, judge_id, reference, candidate)
 
 
 def judge_dtype(dtype=None):
@@ -60,14 +67,17 @@ def judge_dtype(dtype=None):
     return dtype or (torch.float16 if torch.cuda.is_available() else torch.float32)
 
 
-def judge_label(model_id: str, load_in_4bit: bool = False, dtype=None, served_by: str | None = None) -> str:
+def judge_label(model_id: str, load_in_4bit: bool = False, dtype=None, engine: str = "static",
+                served_by: str | None = None) -> str:
     """The judge as tables name it and the cache keys it: its id and precision, since a 4-bit or bf16 judge answers
-    differently from GREEN's fp16 one, and the server software when a server answers (its kernels differ from ours).
-    The in-process engines share a label: continuous batching gave static's answers in every profile's numerics
-    (tests/test_judge_engines.py)."""
+    differently from GREEN's fp16 one, and the engine unless it is GREEN's own loop ("static"): "continuous
+    batching", or a server's software (`served_by`). On a GPU their answers may differ from static's (bitsandbytes picks
+    other kernels for other row counts; continuous batching packs requests and shares prefix blocks; a server has its
+    own kernels): `make gpu-check` reports the share identical to static."""
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[judge_dtype(dtype)]
     precision = f"4-bit nf4, {precision} compute" if load_in_4bit else precision
-    return f"{model_id} ({precision}{f', {served_by}' if served_by else ''})"
+    runner = {"static": None, "continuous": "continuous batching", "server": served_by}[engine]
+    return f"{model_id} ({precision}{f', {runner}' if runner else ''})"
 
 
 def score_response(response: str) -> dict:
@@ -85,11 +95,20 @@ def score_response(response: str) -> dict:
             "errors": dict(zip(ERROR_CATEGORIES, counts[:6])), "matched": counts[6]}
 
 
+def shipped_tokenizer(model_id: str, token: str | None = None):
+    """The judge's tokenizer as its files set it up, without GREEN's changes: what a server loads."""
+    return AutoTokenizer.from_pretrained(model_id, token=token, use_fast=True, trust_remote_code=True)
+
+
 def load_tokenizer(model_id: str, token: str | None = None):
     """The judge's tokenizer set up exactly as GREEN.__init__ does: EOS appended, left padding, pad = EOS, its chat
-    template (GREEN loads it with remote code, fast)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_id, token=token, add_eos_token=True, use_fast=True,
-                                              trust_remote_code=True)
+    template (GREEN loads it with remote code, fast). BOS stays as the files have it (a Llama-2 tokenizer's first
+    token): transformers 5 rebuilds the tokenizer's post-processor when `add_eos_token` is given and would drop BOS
+    unless `add_bos_token` is given too; transformers 4, where GREEN was written, kept it."""
+    shipped = shipped_tokenizer(model_id, token)
+    adds_bos = shipped.bos_token_id is not None and shipped("")["input_ids"][:1] == [shipped.bos_token_id]
+    tokenizer = AutoTokenizer.from_pretrained(model_id, token=token, add_eos_token=True, add_bos_token=adds_bos,
+                                              use_fast=True, trust_remote_code=True)
     left_padded(tokenizer, tokenizer.eos_token)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.clean_up_tokenization_spaces = True
@@ -161,7 +180,8 @@ class JudgeFailed(RuntimeError):
 
 class Judge:
     """GREEN judgments behind an append-only cache keyed by sha256(judge label, reference, candidate): the label
-    (`judge_label`) names the precision too, so answers of a 4-bit judge never stand in for fp16 ones.
+    (`judge_label`) names the precision and the engine too, so answers of a 4-bit judge never stand in for fp16 ones,
+    nor continuous batching's for static's.
 
     `engine`: "static" (GREEN's left-padded batches, the reference), "continuous" (transformers' continuous batching,
     the same weights) or "server" (an OpenAI-compatible server at `url`; without one, vLLM started on this GPU, or
@@ -172,19 +192,22 @@ class Judge:
                  token: str | None = None, batch_size: int = 8, max_new_tokens: int = GREEN_MAX_LENGTH,
                  engine: str = "static", url: str | None = None, concurrency: int = 16):
         if engine not in ENGINES:
-            raise ValueError(f"JUDGE_ENGINE {engine!r}: choose one of {ENGINES}")
+            raise OptionError(f"JUDGE_ENGINE {engine!r}: choose one of {ENGINES}")
         self.model_id, self.load_in_4bit, self.dtype, self.token = model_id, load_in_4bit, judge_dtype(dtype), token
         self.engine, self.url, self.concurrency = engine, url, concurrency
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.store = open_store(cache_path, key_field="key")
-        self.model = self.tokenizer = self.runner = self.server = None
+        self.model = self.tokenizer = self.shipped = self.runner = self.server = None
         served_by = None
         if engine == "server" and url:  # before any work: a URL that does not answer is refused here
-            self.runner = judge_engines.ServerEngine(url, concurrency=concurrency)
+            self.runner = judge_engines.ServerEngine(url, concurrency=concurrency,
+                                                     api_key=get_secret("JUDGE_API_KEY"))  # a lab server's key
             served_by = self.runner.flavor
         elif engine == "server":
             served_by = f"vLLM {judge_server.VLLM_VERSION}" if torch.cuda.is_available() else "transformers serve"
-        self.label = judge_label(model_id, load_in_4bit, self.dtype, served_by)
+        # vLLM's bitsandbytes layers cast their inputs to bf16 whatever its --dtype (a T4 has no native bf16)
+        compute = torch.bfloat16 if load_in_4bit and (served_by or "").startswith("vLLM") else self.dtype
+        self.label = judge_label(model_id, load_in_4bit, compute, engine, served_by)
 
     def release(self) -> None:
         """Drop the judge model and stop a server this judge started (the cache stays readable): what loads next has
@@ -211,13 +234,14 @@ class Judge:
                                                              self.tokenizer.pad_token_id)
             return
         self.tokenizer = self.tokenizer or load_tokenizer(self.model_id, self.token)
+        self.shipped = self.shipped or shipped_tokenizer(self.model_id, self.token)  # for a server that reads text
         if self.runner is None:
             workdir = self.store.path.parent / "judge_server"
             if torch.cuda.is_available():
                 self.server = judge_server.vllm_serve(self.model_id, workdir, load_in_4bit=self.load_in_4bit,
                                                       token=self.token)
             else:
-                self.server = judge_server.transformers_serve(self.model_id, self.tokenizer, workdir,
+                self.server = judge_server.transformers_serve(self.model_id, workdir,
                                                               dtype=str(self.dtype).removeprefix("torch."),
                                                               load_in_4bit=self.load_in_4bit)
             self.runner = judge_engines.ServerEngine(self.server.url, concurrency=self.concurrency)
@@ -241,6 +265,8 @@ class Judge:
         self.load()
         texts = {key: chat_text(self.tokenizer, *unique[key]) for key in todo}
         prompts = dict(zip(todo, prompt_ids(self.tokenizer, list(texts.values()))))
+        if self.engine == "server" and not self.runner.takes_token_ids:  # what the server's tokenizer reads as them
+            texts = dict(zip(todo, judge_engines.served_texts(self.shipped, [prompts[key] for key in todo])))
         # longest first: batches pad little, and an out-of-memory error shows in the first batch
         todo.sort(key=lambda key: -len(prompts[key]))
         failures = {}

@@ -6,6 +6,7 @@ answers, its log's tail printed if it dies, and stopped (the whole process group
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import signal
 import socket
@@ -16,8 +17,15 @@ from pathlib import Path
 
 import httpx
 
+from .errors import UserError
+from .settings import GREEN_TOKEN_BUDGET
+
 VLLM_VERSION = "0.33.0"
-VLLM_VENV = Path.home() / ".cache" / "xray-rrg" / f"vllm-{VLLM_VERSION}"  # installed once per machine, then reused
+VLLM_HOME = Path.home() / ".cache" / "xray-rrg"  # vLLM's environments, one per build, installed once and reused
+# NVIDIA drivers: CUDA 13.0 needs 580 or later; CUDA 12.x runs from 525.60.13 on (minor-version compatibility)
+CUDA13_DRIVER, CUDA12_DRIVER = (580,), (525, 60, 13)
+VLLM_DEFAULT_SHARE = 0.9  # vLLM's default --gpu-memory-utilization
+VLLM_MARGIN = 2**30  # room left for vLLM's own CUDA context when its share is computed from the free memory
 TRANSFORMERS_CLI = Path(sys.executable).with_name("transformers")
 LOG_TAIL_LINES = 40
 
@@ -78,62 +86,98 @@ class ServerProcess:
         atexit.unregister(self.stop)
 
 
-def served_judge_dir(model_dir: str | Path, tokenizer, out_dir: Path) -> Path:
-    """The judge's files with its tokenizer saved as GREEN sets it up (EOS appended, its chat template): a server
-    that reads text tokenizes it as the in-process judge does. Weights are linked, not copied."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(out_dir)
-    saved = {p.name for p in out_dir.iterdir()}
-    for path in Path(model_dir).iterdir():
-        if path.name not in saved and not (out_dir / path.name).exists():
-            (out_dir / path.name).symlink_to(path.resolve())
-    return out_dir
-
-
-def transformers_serve(model_dir: str | Path, tokenizer, workdir: Path, *, dtype: str = "float32",
-                       load_in_4bit: bool = False, port: int | None = None, timeout: float = 300) -> ServerProcess:
-    """`transformers serve` on a local judge (greedy by request, one sequence at a time as `generate` runs it)."""
+def transformers_serve(model_dir: str | Path, workdir: Path, *, dtype: str = "float32", load_in_4bit: bool = False,
+                       port: int | None = None, timeout: float = 300) -> ServerProcess:
+    """`transformers serve` on a local judge as it is (greedy by request, one sequence at a time as `generate` runs
+    it); the judge sends it text its own tokenizer turns into GREEN's ids (judge_engines.served_texts)."""
     port = port or free_port()
-    served = served_judge_dir(model_dir, tokenizer, Path(workdir) / "served-judge")
-    return ServerProcess(transformers_serve_command(served, port, dtype, load_in_4bit), port,
+    return ServerProcess(transformers_serve_command(model_dir, port, dtype, load_in_4bit), port,
                          Path(workdir) / "transformers_serve.log").wait_ready(timeout)
 
 
-def transformers_serve_command(served_dir: Path, port: int, dtype: str, load_in_4bit: bool = False) -> list[str]:
-    command = [str(TRANSFORMERS_CLI), "serve", str(served_dir), "--host", "127.0.0.1", "--port", str(port),
+def transformers_serve_command(model_dir: str | Path, port: int, dtype: str, load_in_4bit: bool = False) -> list[str]:
+    command = [str(TRANSFORMERS_CLI), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                "--dtype", dtype, "--device", "cuda:0" if _has_gpu() else "cpu", "--log-level", "info"]
     return command + (["--quantization", "bnb-4bit"] if load_in_4bit else [])
 
 
-def vllm_command(model_id: str, port: int, *, load_in_4bit: bool, python_bin: Path = VLLM_VENV / "bin") -> list[str]:
-    """GREEN's judge as GREEN runs it (fp16, 2,048 tokens in all); on a T4 quantized in flight by bitsandbytes."""
-    command = [str(python_bin / "vllm"), "serve", model_id, "--dtype", "half", "--max-model-len", "2048",
-               "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--generation-config", "vllm"]
+def vllm_command(model_id: str, port: int, *, load_in_4bit: bool, gpu_memory_utilization: float,
+                 vllm_bin: Path) -> list[str]:
+    """GREEN's judge as GREEN runs it (fp16, 2,048 tokens in all, plus the one token a prompt that fills them gets, as
+    in the static loop); on a T4 quantized in flight by bitsandbytes."""
+    command = [str(vllm_bin), "serve", model_id, "--dtype", "half", "--max-model-len", str(GREEN_TOKEN_BUDGET + 1),
+               "--gpu-memory-utilization", f"{gpu_memory_utilization:.2f}", "--host", "127.0.0.1", "--port", str(port),
+               "--seed", "0", "--generation-config", "vllm"]
     return command + (["--quantization", "bitsandbytes"] if load_in_4bit else [])
 
 
-def install_vllm(venv: Path = VLLM_VENV) -> Path:
-    """vLLM in its own virtual environment, installed once (pip's output is the progress) and reused after."""
+def gpu_memory_utilization(free: int, total: int, margin: int = VLLM_MARGIN) -> float:
+    """vLLM's --gpu-memory-utilization (its share of the whole GPU; 0.9 by default) from the memory free now, less
+    `margin` for vLLM's own CUDA context: vLLM refuses to start when less than its share is free, and this process's
+    CUDA context and tensors are not free."""
+    share = min(VLLM_DEFAULT_SHARE, math.floor((free - margin) / total * 100) / 100)
+    if share <= 0:
+        raise UserError(f"only {free / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB is free: too little "
+                           f"to start vLLM; release the models this process holds first")
+    return share
+
+
+def vllm_build(driver: str) -> str:
+    """The vLLM build this NVIDIA driver runs: the default wheel (CUDA 13: driver 580 or later) or the CUDA 12.9
+    build (CUDA 12's minor-version compatibility: driver 525.60.13 or later); an older driver is refused."""
+    version = tuple(int(part) for part in driver.split("."))
+    if version >= CUDA13_DRIVER:
+        return "cu130"
+    if version >= CUDA12_DRIVER:
+        return "cu129"
+    raise UserError(f"NVIDIA driver {driver} is too old for vLLM {VLLM_VERSION} (its CUDA 12.9 build needs "
+                       f"{'.'.join(map(str, CUDA12_DRIVER))} or later): update the driver, or use "
+                       f"JUDGE_ENGINE='continuous'")
+
+
+def driver_version() -> str:
+    """The NVIDIA driver's version ("550.54.15"), as nvidia-smi reports it for the first GPU."""
+    return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], check=True,
+                          capture_output=True, text=True).stdout.split()[0]
+
+
+def pip_install_vllm(build: str) -> list[str]:
+    """pip's arguments for vLLM's `build`: the default wheel from PyPI, or the CUDA 12.9 one from vLLM's index for
+    this version (wheels.vllm.ai/<version>/cu129) with its torch from PyTorch's cu129 index."""
+    if build == "cu130":
+        return [f"vllm=={VLLM_VERSION}", "bitsandbytes"]
+    return [f"vllm=={VLLM_VERSION}+{build}", "bitsandbytes", "--extra-index-url",
+            f"https://wheels.vllm.ai/{VLLM_VERSION}/{build}", "--extra-index-url",
+            f"https://download.pytorch.org/whl/{build}"]
+
+
+def install_vllm(build: str) -> Path:
+    """vLLM's `build` in its own virtual environment, installed once (pip's output is the progress) and reused after;
+    its `vllm` executable."""
+    venv = VLLM_HOME / f"vllm-{VLLM_VERSION}-{build}"
     if not (venv / "bin" / "vllm").is_file():
-        print(f"installing vLLM {VLLM_VERSION} into {venv} (once; several minutes)", flush=True)
+        print(f"installing vLLM {VLLM_VERSION} ({build} build) into {venv} (once; several minutes)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", f"vllm=={VLLM_VERSION}",
-                        "bitsandbytes"], check=True)
-    return venv
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", *pip_install_vllm(build)], check=True)
+    return venv / "bin" / "vllm"
 
 
 def vllm_serve(model_id: str, workdir: Path, *, load_in_4bit: bool, token: str | None = None,
                port: int | None = None, timeout: float = 1800) -> ServerProcess:
-    """vLLM serving the judge on this machine's GPU (installed on first use); the HF token goes to the child's
-    environment, never to its command line or log."""
+    """vLLM serving the judge on this machine's GPU (the build its driver runs, installed on first use), with the
+    share of the GPU that is free now; the HF token goes to the child's environment, never to its command line or
+    log."""
     if not _has_gpu():
-        raise RuntimeError("JUDGE_ENGINE='server' without JUDGE_URL starts vLLM, which needs a GPU; on the CPU set "
+        raise UserError("JUDGE_ENGINE='server' without JUDGE_URL starts vLLM, which needs a GPU; on the CPU set "
                            "JUDGE_URL (e.g. a `transformers serve` you started) or use JUDGE_ENGINE='continuous'")
-    venv = install_vllm()
+    import torch
+
+    vllm_bin = install_vllm(vllm_build(driver_version()))
+    share = gpu_memory_utilization(*torch.cuda.mem_get_info())
     port = port or free_port()
     env = {**os.environ, **({"HF_TOKEN": token} if token else {})}
-    return ServerProcess(vllm_command(model_id, port, load_in_4bit=load_in_4bit, python_bin=venv / "bin"), port,
-                         Path(workdir) / "vllm_serve.log", env).wait_ready(timeout)
+    command = vllm_command(model_id, port, load_in_4bit=load_in_4bit, gpu_memory_utilization=share, vllm_bin=vllm_bin)
+    return ServerProcess(command, port, Path(workdir) / "vllm_serve.log", env).wait_ready(timeout)
 
 
 def _has_gpu() -> bool:

@@ -10,6 +10,9 @@ from .settings import default_dtype, processes
 # Vision tower, projector and lm_head stay in 16 bits under 4-bit. transformers 5 matches `llm_int8_skip_modules`
 # against the start of the module path, so bare names ("vision_tower") are ignored.
 SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+# Greedy decoding over whatever sampling the checkpoint's generation_config.json sets: what GREEN passes to generate(),
+# and the GREEN judge's continuous engine too (judge_engines)
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None}
 
 
 def bnb_4bit_config(compute_dtype) -> BitsAndBytesConfig:
@@ -66,6 +69,5 @@ def greedy_generate(model, tokenizer, texts: list[str], max_new_tokens: int, *, 
     stop = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
     with torch.inference_mode():
         sequences = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                   pad_token_id=tokenizer.pad_token_id, **stop)
+                                   max_new_tokens=max_new_tokens, **GREEDY, pad_token_id=tokenizer.pad_token_id, **stop)
     return sequences, prompt_length

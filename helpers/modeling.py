@@ -14,6 +14,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageTextT
                           PreTrainedTokenizerFast)
 from trl.chat_template_utils import get_training_chat_template
 
+from .errors import MissingError, OptionError
 from .lm import left_padded, load_weights
 from .reports import INSTRUCTION, user_message
 from .settings import get_secret
@@ -51,7 +52,7 @@ def model_config(config, visual_tokens: str):
     `image_newline`, so the same checkpoint loads into it and each view is its 576-token base tile.
     """
     if visual_tokens not in VISUAL_TOKENS:
-        raise ValueError(f"unknown VISUAL_TOKENS {visual_tokens!r}; choose one of {VISUAL_TOKENS}")
+        raise OptionError(f"unknown VISUAL_TOKENS {visual_tokens!r}; choose one of {VISUAL_TOKENS}")
     if config.model_type != "llava_next":
         raise ValueError(f"{config.name_or_path or 'model'}: model type {config.model_type!r}; the visual-token "
                          f"modes need a LLaVA-NeXT checkpoint (model type 'llava_next')")
@@ -194,8 +195,8 @@ def load_for_inference(run, load_in_4bit: bool | None = None, attn_implementatio
     """
     config = run.config
     if not run.trained:
-        raise FileNotFoundError(f"{run.adapter_dir}: no trained adapter (adapter_config.json missing); run notebook "
-                                f"02 (python -m helpers train) to the end for run {run.name!r} first")
+        raise MissingError(f"{run.adapter_dir}: no trained adapter (adapter_config.json missing); run notebook "
+                           f"02 (python -m helpers train) to the end for run {run.name!r} first")
     if config["instruction"] != INSTRUCTION:
         raise ValueError(f"{run.config_path}: the run was trained with another instruction:\n"
                          f"{config['instruction']!r}\nthis code prompts with\n{INSTRUCTION!r}")

@@ -13,6 +13,7 @@ from typing import Callable
 import openai
 import torch
 
+from .errors import OptionError, UserError
 from .data import ALL_REGIONS
 from .lm import greedy_generate, load_causal_lm
 from .region_checks import extract_json_object, schema_problems, validate_split
@@ -138,7 +139,7 @@ def _openai_splitter(model: str = DEFAULT_OPENAI_MODEL, client=None, max_retries
     if client is None:
         api_key = get_secret("OPENAI_API_KEY")
         if not api_key:
-            raise RuntimeError("OPENAI_API_KEY is not set (Colab secrets or the environment); "
+            raise UserError("OPENAI_API_KEY is not set (Colab secrets or the environment); "
                                "set it or use backend='rules'")
         # the client itself retries rate limits, timeouts and 5xx with exponential backoff (honouring Retry-After)
         client = openai.OpenAI(api_key=api_key, max_retries=max_retries, timeout=timeout)
@@ -209,7 +210,7 @@ def make_splitter(backend: str = "rules", **options) -> Splitter:
     hf: model, batch_size, max_new_tokens, load_in_4bit."""
     factories = {"rules": _rules_splitter, "openai": _openai_splitter, "hf": _hf_splitter}
     if backend not in factories:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        raise OptionError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     return factories[backend](**options)
 
 

@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MissingError, OptionError
+
 SPLIT_NAMES = {"val": "Validation", "test": "Testing"}  # the splits generated and scored, as tables name them
 
 
@@ -58,7 +60,7 @@ class Run:
     def config(self) -> dict:
         """The run's settings as notebook 02 wrote them."""
         if not self.config_path.is_file():
-            raise FileNotFoundError(f"{self.config_path} not found: train run {self.name!r} with notebook 02 "
+            raise MissingError(f"{self.config_path} not found: train run {self.name!r} with notebook 02 "
                                     f"(python -m helpers train) first (or check RUN_NAME)")
         return json.loads(self.config_path.read_text(encoding="utf-8"))
 
@@ -135,14 +137,14 @@ class Artifacts:
         ready = [r for r in self.runs() if r.trained]
         names = [r.name for r in ready]
         if not ready:
-            raise FileNotFoundError(f"{self.root}: no trained run yet: train one with notebook 02 "
+            raise MissingError(f"{self.root}: no trained run yet: train one with notebook 02 "
                                     f"(python -m helpers train)")
         if name is None and len(ready) == 1:
             return ready[0]
         if name is None:
-            raise ValueError(f"{self.root}: several runs: set RUN_NAME to one of {names}")
+            raise OptionError(f"{self.root}: several runs: set RUN_NAME to one of {names}")
         if name not in names:
-            raise FileNotFoundError(f"{self.root}: run {name!r} is not trained: train it with notebook 02 "
+            raise MissingError(f"{self.root}: run {name!r} is not trained: train it with notebook 02 "
                                     f"(python -m helpers train), or set "
                                     f"RUN_NAME to one of {names}")
         return self.run(name)
@@ -155,11 +157,11 @@ class Artifacts:
         ready.sort(key=lambda r: (started.get(r.name, len(started)), r.name))
         available = [r.name for r in ready]
         if not ready:
-            raise FileNotFoundError(f"{self.root}: no predictions yet: run notebook 03 (python -m helpers generate)" +
+            raise MissingError(f"{self.root}: no predictions yet: run notebook 03 (python -m helpers generate)" +
                                     (f" for {names}" if names else ""))
         missing = [n for n in names or () if n not in available]
         if missing:
-            raise FileNotFoundError(f"{self.root}: no predictions yet for {missing}: run notebook 03 "
+            raise MissingError(f"{self.root}: no predictions yet for {missing}: run notebook 03 "
                                     f"(python -m helpers generate) for them, or set "
                                     f"RUN_NAMES to some of {available}")
         return [self.run(n) for n in names] if names else ready

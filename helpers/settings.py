@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import MissingError, OptionError
+
 DRIVE_ROOT = Path("/content/drive/MyDrive/xray-rrg")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # How long a process waits for the others at a barrier: the main process alone may load a 7B model or embed every
@@ -120,7 +122,7 @@ def resolve(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Se
     name, memory, capability = gpu()
     profile = profile or pick_profile(memory, capability)
     if profile not in PROFILES:
-        raise ValueError(f"unknown PROFILE {profile!r}; choose one of {sorted(PROFILES)} (None: from the GPU)")
+        raise OptionError(f"unknown PROFILE {profile!r}; choose one of {sorted(PROFILES)} (None: from the GPU)")
     offline = profile == "demo"
     if offline:
         default_data, default_artifacts = REPO_ROOT / "data" / "sample", REPO_ROOT / "artifacts" / "demo"
@@ -148,8 +150,8 @@ def setup(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Sett
     settings = resolve(profile, data_dir, artifacts_dir)
     annotation = settings.data_dir / "annotation.json"
     if not annotation.is_file():
-        raise FileNotFoundError(f"{annotation} not found: put annotation.json and images/ there (see "
-                                f"docs/01_region_prompting.md, 'Data'), or set DATA_DIR")
+        raise MissingError(f"{annotation} not found: put annotation.json and images/ there (see "
+                           f"docs/01_region_prompting.md, 'Data'), or set DATA_DIR")
     settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     print(settings)
     return settings

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MissingError
 from . import runs
 from .storage import atomic_write_json, sha256
 
@@ -100,8 +101,8 @@ class Artifacts(runs.Artifacts):
             return super().find_runs(names)
         ready = [r.name for r in super().find_runs() if is_smoke(r.name) == self.smoke]
         if not ready:
-            raise FileNotFoundError(f"{self.root}: no {'smoke ' if self.smoke else ''}run has predictions yet: run "
-                                    f"notebook 03 (python -m helpers generate{' --smoke' if self.smoke else ''})")
+            raise MissingError(f"{self.root}: no {'smoke ' if self.smoke else ''}run has predictions yet: run "
+                               f"notebook 03 (python -m helpers generate{' --smoke' if self.smoke else ''})")
         return super().find_runs(ready)
 
 

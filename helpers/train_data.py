@@ -4,9 +4,8 @@ from __future__ import annotations
 import statistics
 
 from datasets import Dataset
-from PIL import Image as PILImage
 
-from .data import by_split, load_studies, open_image, readable_studies
+from .data import by_split, image_size, load_studies, open_image, readable_studies
 from .modeling import image_tokens_per_view
 from .reports import format_report, user_message
 from .storage import sha256
@@ -69,15 +68,15 @@ def _open_views(batch: dict) -> dict:
 def token_counts(studies, processor, max_views: int) -> list[dict]:
     """Per study: image tokens (from each view's size), text tokens and their total, as the trainer will see them.
 
-    Reads only image headers, so it is fast on the full data set. `processor` must carry the training template.
+    Decodes no image (`data.image_size`), so it is fast on the full data set. `processor` must carry the training
+    template.
     """
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     counts = []
     for study in studies:
         image_tokens = 0
         for path in study.image_paths[:max_views]:
-            with PILImage.open(path) as image:
-                image_tokens += image_tokens_per_view(processor, *image.size)
+            image_tokens += image_tokens_per_view(processor, *image_size(path, study.id))
         messages = conversation(study, max_views)
         text = processor.apply_chat_template(messages, tokenize=False)
         ids = processor.tokenizer(text, add_special_tokens=False).input_ids

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .data import study_images
 from .generation import default_max_new_tokens, generate_batch
+from .errors import OptionError
 from . import preference
 from .metrics import nlg_metrics
 from .modeling import load_model_and_processor, training_chat_template, vision_layers_used
@@ -53,7 +54,7 @@ PRESETS = {
 
 def resolve_stages(preset: str, epochs: int, lr_scale: float = 1) -> list[dict]:
     if preset not in PRESETS:
-        raise ValueError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESETS)}")
+        raise OptionError(f"unknown PRESET {preset!r}; choose one of {sorted(PRESETS)}")
     stages = [{**s, "lr": s["lr"] * lr_scale} for s in PRESETS[preset]]
     rest = epochs - sum(s["epochs"] for s in stages if s["epochs"] is not None and not s.get("dpo"))
     for stage in stages:

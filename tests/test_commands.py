@@ -12,9 +12,11 @@ import psutil
 import pytest
 
 from helpers import commands, demo_models, grounding, storage
+from helpers.judge_server import free_port
 from helpers.runs import SPLIT_NAMES, Artifacts
 
 from conftest import ROOT
+from tiny_run import make_run
 
 # Both sides of every comparison run with one BLAS thread per process: CPU matmuls then add in the same order, so
 # greedy decoding of the random-weight model cannot flip on a float near-tie (torchrun gives each worker one thread).
@@ -230,3 +232,68 @@ def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_pa
     assert len(outputs[1]["cache"]) > 4  # several batches of 2, so both processes judged some
     assert all(r["n_new_tokens"] > 1 for r in outputs[1]["cache"])  # answers, not a budget-filling prompt
     assert outputs[2] == outputs[1]
+
+
+# A user error is one line on stderr, `error: ...`, with exit status 2; a bug keeps its traceback (commands.main)
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory, tiny_model_dir, sample_dir):
+    """An artifacts folder holding one trained-looking run, "tiny" (tests/tiny_run.py)."""
+    return make_run(tmp_path_factory.mktemp("artifacts"), tiny_model_dir, sample_dir).artifacts_dir
+
+
+def one_line_error(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [stderr.splitlines()[-1]], stderr
+    return stderr.splitlines()[-1]
+
+
+def test_a_run_that_is_not_trained_is_one_line_and_status_2(tiny_trained, sample_dir):
+    """The command as a user runs it: `python -m helpers`, its real exit status and stderr."""
+    done = subprocess.run([sys.executable, "-m", "helpers", "predict", "--profile", "demo", "--artifacts-dir",
+                           str(tiny_trained), "--run-name", "nope", str(sample_dir / "images" / "CXR1209_IM-0142" /
+                                                                     "0.png")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert one_line_error(done.stderr) == (f"error: {tiny_trained}: run 'nope' is not trained: train it with notebook "
+                                           f"02 (python -m helpers train), or set RUN_NAME to one of ['tiny']")
+
+
+def test_an_image_that_is_not_an_image_is_one_line_and_status_2(tiny_trained, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    assert commands.main(["predict", "--profile", "demo", "--artifacts-dir", str(tiny_trained), "--run-name", "tiny",
+                          str(tmp_path / "notes.png")]) == 2
+    assert one_line_error(capsys.readouterr().err) == (f"error: {tmp_path / 'notes.png'}: study notes: not an image "
+                                                       f"(neither PNG, JPEG nor DICOM)")
+
+
+@pytest.mark.parametrize("engine, message", [
+    (["--judge-engine", "fast"], "error: JUDGE_ENGINE 'fast': choose one of ('static', 'continuous', 'server')"),
+    (["--judge-engine", "server", "--judge-url", "http://127.0.0.1:{port}"],
+     "error: JUDGE_URL http://127.0.0.1:{port}: no OpenAI-compatible server answers there (ConnectError: "),
+], ids=["unknown engine", "dead url"])
+def test_a_wrong_judge_is_one_line_and_status_2_before_any_model_loads(engine, message, tiny_model_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    """A preference preset's judge is checked before the model loads (its weights: "unused/judge" exists nowhere);
+    nothing listens on the free port."""
+    from helpers import training
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the judge was checked")
+
+    monkeypatch.setattr(training, "load_training_model", no_model)
+    port = free_port()
+    assert commands.main(["train", "--profile", "demo", "--artifacts-dir", str(tmp_path), "--model-id",
+                          str(tiny_model_dir), "--preset", "two_stage_dpo", "--judge-model-id", "unused/judge",
+                          *[part.format(port=port) for part in engine]]) == 2
+    assert one_line_error(capsys.readouterr().err).startswith(message.format(port=port))
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """A ValueError or FileNotFoundError that is no user error is not caught: only helpers.errors.UserError is."""
+    def push(*args):
+        raise FileNotFoundError("a bug's missing file")
+
+    monkeypatch.setitem(commands.STEPS, "push", push)
+    with pytest.raises(FileNotFoundError, match="a bug's missing file"):
+        commands.main(["push", "--profile", "demo", "--run-name", "tiny", "--repo-id", "user/name"])

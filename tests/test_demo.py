@@ -52,7 +52,8 @@ def test_the_four_notebooks_run_in_order_on_the_sample(demo_chain, sample_dir):
         table = pd.read_csv(run.eval_dir / "green_table.csv", index_col=0)
         assert list(table.index) == ["Validation", "Testing"]
         assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report", "judge"]
-        assert table.judge.str.endswith(f"{demo_models.DEMO_JUDGE_DIR} (fp32)").all()  # its id and precision beside the scores
+        # its id, precision and engine beside the scores
+        assert table.judge.str.endswith(f"{demo_models.DEMO_JUDGE_DIR} (fp32, continuous batching)").all()
         assert table.drop(columns="judge").notna().all().all()  # the demo judge writes GREEN's format: numbers
     compare = pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1])
     assert set(compare.index.get_level_values(0)) == {*DEMO_RUNS, "template", "retrieval"}

@@ -22,9 +22,10 @@ def answer(matched: int, errors: dict | None = None) -> str:
             f"[Clinically Insignificant Errors]:\n{insignificant}\n\n[Matched Findings]:\n{matched}. finding")
 
 
-def seed_cache(path, judge_id, responses: dict):
-    """Judge answers as `judge.Judge(judge_id, path)` (fp32 on the CPU) caches them: keyed by its label."""
-    label = judge.judge_label(judge_id)
+def seed_cache(path, judge_id, responses: dict, engine: str = "static"):
+    """Judge answers as `judge.Judge(judge_id, path, engine=engine)` (fp32 on the CPU) caches them: keyed by its
+    label."""
+    label = judge.judge_label(judge_id, engine=engine)
     JsonlStore(path).append([{"key": judge.judge_key(label, ref, cand), "judge": label, "reference": ref,
                               "candidate": cand, "response": text, "truncated": False}
                              for (ref, cand), text in responses.items()])
@@ -199,6 +200,8 @@ def test_faithful_to_shipped_green(tmp_path, sample_studies):
                                                format_steps=0)
     shipped = GREEN(str(judge_dir), cpu=True, compute_summary_stats=False)
     shipped.tokenizer.batch_encode_plus = shipped.tokenizer.__call__  # removed in transformers 5
+    shipped.tokenizer.add_bos_token = True  # BOS and EOS, as under green-score's transformers 4.40 (judge.load_tokenizer)
+    shipped.tokenizer.update_post_processor()
     assert shipped.tokenizer.chat_template == judge.CHAT_TEMPLATE
     long_ref = ("Heart size is normal. The mediastinal contour is within normal limits. The lungs are clear without "
                 "focal consolidation, effusion or pneumothorax. No acute bony abnormality.")
@@ -282,7 +285,8 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir, 
                 texts = [(report[r], line["regions"][r]) for r in REGIONS]
                 texts.append((reports.whole_report(report), reports.whole_report(line["regions"])))
                 responses.update({(ref, cand): said if ref else answer(0) for ref, cand in texts})
-    seed_cache(artifacts / "eval" / "green_cache.jsonl", str(artifacts / "models" / demo_models.DEMO_JUDGE_DIR), responses)
+    judge_dir = str(artifacts / "models" / demo_models.DEMO_JUDGE_DIR)
+    seed_cache(artifacts / "eval" / "green_cache.jsonl", judge_dir, responses, engine="continuous")  # 04's JUDGE_ENGINE
 
     run_notebook("04_green_eval.ipynb", artifacts, profile="demo", METEOR=False, CLINICAL=False)
 
@@ -290,9 +294,8 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir, 
     for run, expected in (("a", 0.5), ("b", 1.0)):
         out = runs.Artifacts(artifacts).run(run).eval_dir
         table = pd.read_csv(out / "green_table.csv", index_col=0)
-        # the judge's id and precision beside the scores (fp32: the demo's tiny judge on the CPU)
-        judge_label = judge.judge_label(str(artifacts / "models" / demo_models.DEMO_JUDGE_DIR))
-        assert set(table.pop("judge")) == {judge_label}
+        # the judge's id, precision and engine beside the scores (fp32: the demo's tiny judge on the CPU)
+        assert set(table.pop("judge")) == {f"{judge_dir} (fp32, continuous batching)"}
         assert list(table.index) == ["Validation", "Testing"] and list(table.columns) == columns
         for split, name in runs.SPLIT_NAMES.items():
             for region, column in reports.HEADERS.items():
@@ -353,3 +356,17 @@ def test_the_judge_label_names_its_precision_and_keys_its_cache(tmp_path):
     four_bit = judge.Judge("J", tmp_path / "cache.jsonl", load_in_4bit=True, dtype=torch.float16)
     assert four_bit.label == "J (4-bit nf4, fp16 compute)"
     assert judge.judge_key(four_bit.label, "a", "b") not in four_bit.store  # would be judged anew, not reused
+
+
+def test_answers_cached_before_prompts_had_bos_are_judged_again(tmp_path):
+    """Before cache version 2 the in-process prompts lacked GREEN's BOS (transformers 5): such answers, keyed without the
+    version, are not reused."""
+    from helpers.storage import sha256
+
+    path = tmp_path / "cache.jsonl"
+    JsonlStore(path).append([{"key": sha256("J (fp32)", "a", "b"), "judge": "J (fp32)", "reference": "a",
+                              "candidate": "b", "response": answer(1)}])
+    current = judge.Judge("J", path)
+    assert current.label == "J (fp32)" and judge.judge_key(current.label, "a", "b") not in current.store
+    seed_cache(path, "J", {("a", "b"): answer(1)})
+    assert judge.judge_key(current.label, "a", "b") in judge.Judge("J", path).store

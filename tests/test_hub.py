@@ -9,6 +9,7 @@ from tiny_run import make_run
 
 from helpers import commands, data, generation, hub, modeling, report, runs
 from helpers.data import by_split
+from helpers.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_push_uploads_the_folder_with_the_token_and_refuses_without_one(run, mon
                                                                                  kw["folder_path"])))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     artifacts = runs.Artifacts(run.artifacts_dir)
-    with pytest.raises(RuntimeError, match="HF_TOKEN is not set"):
+    with pytest.raises(UserError, match="HF_TOKEN is not set"):
         hub.push(run, artifacts, "someone/xray-rrg-tiny")
     assert calls == []
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")

@@ -1,13 +1,21 @@
-"""Your own X-ray: `predict.Predictor`, `python -m helpers predict` and the Gradio app's handler, on a tiny run.
-gradio itself is not installed here (Colab preinstalls it): the handler the app calls is tested, not the server."""
+"""Your own X-ray: `predict.Predictor`, `python -m helpers predict` and the Gradio app, on a tiny run.
+
+The app is served for real: launched on 127.0.0.1 (a free port), driven through gradio_client with a PNG and a JPEG
+2000 DICOM view, closed on every path. Nothing leaves the machine: gradio's and the client's analytics are off, and
+the hub is offline (conftest)."""
+import socket
+
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import JPEG2000Lossless
 from test_dicom import write_dicom
 from tiny_run import make_run
 
 from helpers import app, commands, predict
 from helpers.data import DataError
+from helpers.judge_server import free_port
 
 SAMPLE_VIEW = "CXR1209_IM-0142/0.png"
 OVERLAYS = ["CXR1209_IM-0142_0_view1_attention.png", "CXR1209_IM-0142_0_view2_attention.png"]  # the folder names it
@@ -86,3 +94,52 @@ def test_predict_command_prints_the_report_and_writes_overlays(predictor, sample
     overlays = sorted((artifacts / "generate" / "tiny" / "predict").glob("*.png"))
     assert [p.name for p in overlays] == OVERLAYS
     assert f"attention overlay: {overlays[0]}" in lines
+
+
+@pytest.fixture
+def served(predictor, tmp_path, monkeypatch):
+    """(a client of the app, where its overlays go): the app launched, then closed whatever the test did."""
+    from gradio_client import Client
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # no version check, no usage report
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # uploads stay in the test's folder
+    blocks = app.build(predictor, tmp_path / "overlays")
+    try:
+        port = free_port()
+        blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=tmp_path / "downloads",
+                     analytics_enabled=False), tmp_path / "overlays"
+    finally:
+        blocks.close()
+    with pytest.raises(ConnectionRefusedError):  # stopped: nothing answers on its port
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_the_app_reports_a_png_and_a_jpeg_2000_dicom_with_their_overlays(served, predictor, sample_dir,
+                                                                          tmp_path):
+    client, overlay_dir = served
+    png = sample_dir / "images" / SAMPLE_VIEW
+    dicom = pydicom.dcmread(dicom_of(png, tmp_path / "lateral.dcm"))  # the PNG's grey levels, 16 bits
+    dicom.compress(JPEG2000Lossless)
+    dicom.save_as(tmp_path / "lateral.dcm")
+    from gradio_client import handle_file
+
+    text, gallery = client.predict([handle_file(png), handle_file(tmp_path / "lateral.dcm")], api_name="/report")
+    # the DICOM decodes to the PNG's pixels, so the report is the one of two copies of the PNG
+    assert text == predictor([png, png], attention=False)["report"]
+    assert [line.split(":")[0] for line in text.splitlines()] == ["Lung", "Heart", "Mediastinal", "Bone"]
+    written = sorted(overlay_dir.glob("*.png"))
+    assert [p.name.split("_")[-2:] for p in written] == [["view1", "attention.png"], ["view2", "attention.png"]]
+    received = [np.asarray(Image.open(item["image"])) for item in gallery]
+    assert len(received) == 2 and all(np.array_equal(r, np.asarray(Image.open(w))) for r, w in zip(received, written))
+
+
+def test_a_bad_upload_comes_back_as_the_error_naming_the_file(served, tmp_path):
+    client, _ = served
+    from gradio_client import handle_file
+
+    (tmp_path / "notes.png").write_text("not an image")
+    text, gallery = client.predict([handle_file(tmp_path / "notes.png")], api_name="/report")
+    assert text.startswith("Cannot read the upload: ") and text.endswith(
+        "notes.png: study notes: not an image (neither PNG, JPEG nor DICOM)")
+    assert gallery == []

@@ -8,6 +8,7 @@ from openai.types.chat import ChatCompletion
 
 from helpers import data, region_checks, regions
 from helpers.storage import atomic_write_json
+from helpers.errors import UserError
 
 SEED_REPORT, SEED_SPLIT = regions.FEW_SHOT[0]  # a real training report with its provided split
 
@@ -270,7 +271,7 @@ def test_openai_failure_raises_from_split_regions():
 
 def test_openai_without_a_key_says_how_to_fix_it(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(RuntimeError, match="OPENAI_API_KEY is not set"):
+    with pytest.raises(UserError, match="OPENAI_API_KEY is not set"):
         regions.split_regions("Lungs are clear.", backend="openai")
 
 
