@@ -39,7 +39,7 @@ test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 gpu-check: venv
-	$(PY) -m helpers.gpu_check
+	$(PY) -m helpers.preflight.gpu_check
 
 clean:
 	rm -rf artifacts/demo

@@ -10,7 +10,7 @@ Each step's options are its notebook's parameters cell (names, defaults and comm
 the two cannot drift apart), and each step calls the functions the notebook's cells call, writing the same artifacts
 to the same places. Under several processes `train` is the Trainer's DDP, and `generate` / `evaluate` spread their
 batches over the processes (`storage.run_sharded`); the main process alone prints and writes the reports and figures.
-A True / False option may be given alone: `--smoke` is `--smoke True`, the step's smoke run (helpers/smoke.py).
+A True / False option may be given alone: `--smoke` is `--smoke True`, the step's smoke run (helpers/preflight/smoke.py).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from types import SimpleNamespace
 
 import papermill
 
-from .errors import UserError
-from .settings import get_secret, processes, setup
-from .smoke import Artifacts
+from .core.errors import UserError
+from .core.settings import get_secret, processes, setup
+from .preflight.smoke import Artifacts
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = {"split": "01_region_prompting.ipynb", "train": "02_sft_lora_qlora.ipynb",
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"{p['help']} (default: {p['default']!r})".replace("%", "%%"))
     predict = steps.add_parser("predict", help="your own X-ray: a run's four-region report, attention overlays",
                                description="A trained run's report for 1 to 4 views of one study (8- or 16-bit PNG, "
-                                           "JPEG, DICOM), and an attention overlay per view (helpers/predict.py).")
+                                           "JPEG, DICOM), and an attention overlay per view (helpers/predict/inference.py).")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="1 to 4 views of one study")
     predict.add_argument("--load-in-4bit", dest="LOAD_IN_4BIT", type=parameter_value, default=None,
                          help="None: as the run was trained, or 4-bit on a GPU under 24 GiB (default: None)")
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where the overlay PNGs go (default: ARTIFACTS_DIR/generate/<run>/predict)")
     push = steps.add_parser("push", help="upload a run's adapter, processor, config and model card to the Hub",
                             description="Upload train/<run>/hub/ (adapter, processor, config.json, model card with "
-                                        "notebook 04's tables) with HF_TOKEN (helpers/hub.py).")
+                                        "notebook 04's tables) with HF_TOKEN (helpers/evaluate/hub.py).")
     push.add_argument("--repo-id", dest="REPO_ID", required=True, help="USER/NAME of the model repository")
     push.add_argument("--dry-run", dest="DRY_RUN", action="store_true",
                       help="write train/<run>/hub/ and stop, uploading nothing")
@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def split(p, settings, artifacts) -> None:
     """Notebook 01: split the val reports into regions."""
-    from . import data, regions, smoke
+    from .core import data
+    from .splitting import regions
+    from .preflight import smoke
 
     if processes().num_processes > 1:
         raise SystemExit("split runs in one process (an API or one local LLM): python -m helpers split ...")
@@ -123,15 +125,19 @@ def split(p, settings, artifacts) -> None:
 
 def train(p, settings, artifacts) -> None:
     """Notebook 02: fine-tune, stage by stage (DDP under torchrun / accelerate launch)."""
-    from . import demo_models, modeling, plots, smoke, train_data, training
+    from .model import modeling
+    from .demo import tiny_models
+    from .train import examples, training
+    from .evaluate import plots
+    from .preflight import smoke
 
-    fit, held = train_data.training_studies(settings.data_dir, p.MAX_VIEWS, p.HOLDOUT_FRACTION)
-    model_id = demo_models.llava_id(settings, artifacts, fit + held, p.MODEL_ID)
+    fit, held = examples.training_studies(settings.data_dir, p.MAX_VIEWS, p.HOLDOUT_FRACTION)
+    model_id = tiny_models.llava_id(settings, artifacts, fit + held, p.MODEL_ID)
     visual_tokens = p.VISUAL_TOKENS or settings.visual_tokens
     run = artifacts.run(smoke.run_name(p.RUN_NAME or training.default_run_name(model_id, p.PRESET), p.SMOKE))
     processor = modeling.load_processor(model_id, visual_tokens=visual_tokens, token=get_secret("HF_TOKEN"))
     processor.chat_template = modeling.training_chat_template(processor)
-    budget = train_data.token_budget(fit + held, processor, p.MAX_VIEWS)
+    budget = examples.token_budget(fit + held, processor, p.MAX_VIEWS)
     smoke_config = {}
     if p.SMOKE:
         smoke_config = smoke.training_config(fit, held, training.resolve_stages(p.PRESET, p.EPOCHS or settings.epochs,
@@ -157,7 +163,9 @@ def train(p, settings, artifacts) -> None:
 def generate(p, settings, artifacts) -> None:
     """Notebook 03: reports for val and test (batches spread over the processes), the grounding check's reports, then
     confidence and attention."""
-    from . import attention, generation, grounding, modeling, plots, smoke
+    from .model import attention, generation, modeling
+    from .evaluate import grounding, plots
+    from .preflight import smoke
 
     run = artifacts.find_run(smoke.run_name(p.RUN_NAME, p.SMOKE))
     model, processor, run_config = modeling.load_for_inference(run, p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
@@ -196,7 +204,10 @@ def generate(p, settings, artifacts) -> None:
 def evaluate(p, settings, artifacts) -> None:
     """Notebook 04: GREEN per region for the runs and baselines (judge batches spread over the processes), NLG and
     RadEval's clinical metrics, the grounding check, then eval/compare/report.md."""
-    from . import data, evaluation, green, grounding, metrics, report, smoke
+    from .core import data
+    from .metrics import nlg
+    from .evaluate import evaluation, green, grounding, report
+    from .preflight import smoke
 
     studies = data.load_studies(settings.data_dir, require_images=("train", "val", "test"))
     plan = evaluation.make_plan(settings, artifacts, studies, run_names=smoke.run_names(p.RUN_NAMES, p.SMOKE),
@@ -225,26 +236,26 @@ def evaluate(p, settings, artifacts) -> None:
     print(evaluation.tables_in_words(tables, stats, plan, judge))
     diff = green.paired_differences(frame, plan.runs, plan.reference_run, p.N_BOOT, p.SEED)
     print(green.differences_in_words(diff))
-    nlg = metrics.nlg_table(systems, refs, meteor=p.METEOR)
-    if nlg.METEOR.isna().all():
-        print("METEOR:", metrics.meteor_unavailable_reason() or "switched off (--meteor False)")
-    for path in green.write_outputs(frame, stats, tables, diff, nlg, artifacts, plan.runs):
+    nlg_scores = nlg.nlg_table(systems, refs, meteor=p.METEOR)
+    if nlg_scores.METEOR.isna().all():
+        print("METEOR:", nlg.meteor_unavailable_reason() or "switched off (--meteor False)")
+    for path in green.write_outputs(frame, stats, tables, diff, nlg_scores, artifacts, plan.runs):
         print("wrote", path)
     for path in evaluation.write_figures(frame, tables, artifacts, plan.runs):
         print("wrote", path)
     clinical_inputs = ()
     if p.CLINICAL:
-        from .clinical import REXRANK_NOTE
+        from .metrics.clinical import REXRANK_NOTE
 
         clinical_table, _, leaderboard, clinical_scores, paths = evaluation.clinical_metrics(
-            settings, artifacts, studies, systems, refs, plan, judge, nlg, tables, p.N_BOOT, p.SEED)
+            settings, artifacts, studies, systems, refs, plan, judge, nlg_scores, tables, p.N_BOOT, p.SEED)
         clinical_inputs = clinical_table, clinical_scores
         print("\n".join(f"wrote {path}" for path in paths))
         print(REXRANK_NOTE, leaderboard.round(3), sep="\n")
     lengths = evaluation.report_lengths(systems)
     print(lengths.round(1))
     counterparts = evaluation.sft_counterparts(artifacts, plan.runs)
-    comparison = evaluation.preference_comparison(counterparts, frame, stats, nlg, lengths, *clinical_inputs,
+    comparison = evaluation.preference_comparison(counterparts, frame, stats, nlg_scores, lengths, *clinical_inputs,
                                                   n_boot=p.N_BOOT, seed=p.SEED)
     print(evaluation.preference_in_words(comparison, counterparts))
     for path in evaluation.write_preference_outputs(comparison, lengths, artifacts):
@@ -259,7 +270,7 @@ def evaluate(p, settings, artifacts) -> None:
 
 def predict(p, settings, artifacts) -> None:
     """Your own X-ray: the report of 1 to 4 views and an attention overlay per view."""
-    from .predict import Predictor, check_views, in_words
+    from .predict.inference import Predictor, check_views, in_words
 
     check_views(p.images)  # before the model loads
     predictor = Predictor.load(artifacts.find_run(p.RUN_NAME), p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
@@ -268,7 +279,7 @@ def predict(p, settings, artifacts) -> None:
 
 def push(p, settings, artifacts) -> None:
     """A run's adapter, processor, config and model card to the Hub (or to train/<run>/hub/ with --dry-run)."""
-    from .hub import push as upload
+    from .evaluate.hub import push as upload
 
     where = upload(artifacts.find_run(p.RUN_NAME), artifacts, p.REPO_ID, dry_run=p.DRY_RUN, private=p.PRIVATE)
     print(f"{'dry run: wrote' if p.DRY_RUN else 'uploaded to'} {where}")
@@ -278,7 +289,7 @@ STEPS = {"split": split, "train": train, "generate": generate, "evaluate": evalu
 
 
 def main(argv=None) -> int:
-    """Run one step; a user error (`helpers.errors.UserError`: bad input, a step not done yet) is printed as one line on
+    """Run one step; a user error (`helpers.core.errors.UserError`: bad input, a step not done yet) is printed as one line on
     stderr, `error: ...`, with exit status 2, as argparse does for a bad option; a bug keeps its traceback."""
     args = vars(build_parser().parse_args(argv))
     step = args.pop("step")

@@ -1,6 +1,6 @@
 """Execute the notebooks headlessly, in order.
 
-    python -m helpers.run_notebooks --profile demo --out artifacts/demo [-p NAME VALUE ...] [NOTEBOOK ...]
+    python -m python -m helpers.run_notebooks --profile demo --out artifacts/demo [-p NAME VALUE ...] [NOTEBOOK ...]
 
 Without notebook names it runs the demo chain (`DEMO_STEPS`): 01, then 02 and 03 once per preset of `DEMO_RUNS`,
 then 04, which compares the runs; with `-p SMOKE True` the smoke chain (`SMOKE_STEPS`: 02 and 03 for the first run

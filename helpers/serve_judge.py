@@ -1,4 +1,4 @@
-"""`python -m helpers.serve_judge MODEL_DIR --port 8000`: a GREEN judge served by hand through `transformers serve`
+"""`python -m python -m helpers.serve_judge MODEL_DIR --port 8000`: a GREEN judge served by hand through `transformers serve`
 (docs/scaling.md). The judge's folder is served as it is: the judge sends text that the folder's own tokenizer reads
 as GREEN's prompt ids, and checks that the server does (judge_engines.ServerEngine)."""
 from __future__ import annotations
@@ -7,11 +7,11 @@ import argparse
 import subprocess
 import sys
 
-from .judge_server import transformers_serve_command
+from .judge.servers import transformers_serve_command
 
 
 def main(argv=None) -> int:
-    """`python -m helpers.serve_judge MODEL_DIR --port 8000`: `transformers serve` on a judge folder, in the
+    """`python -m python -m helpers.serve_judge MODEL_DIR --port 8000`: `transformers serve` on a judge folder, in the
     foreground until Ctrl-C; then JUDGE_URL=http://127.0.0.1:8000 (or .../v1)."""
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     parser.add_argument("model_dir")

@@ -38,7 +38,7 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_studies():
-    from helpers import data
+    from helpers.core import data
 
     return data.load_studies(SAMPLE_DIR)
 
@@ -46,16 +46,16 @@ def sample_studies():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, sample_studies) -> Path:
     """The demo's tiny random LLaVA-NeXT, built once per session from the sample's report text."""
-    from helpers import demo_models
+    from helpers.demo import tiny_models
 
-    return demo_models.build_random_llava(tmp_path_factory.mktemp("tiny") / "tiny-llava",
-                                        demo_models.tokenizer_corpus(sample_studies))
+    return tiny_models.build_random_llava(tmp_path_factory.mktemp("tiny") / "tiny-llava",
+                                        tiny_models.tokenizer_corpus(sample_studies))
 
 
 @pytest.fixture(scope="session")
 def load_tiny(tiny_model_dir):
     """load_tiny(visual_tokens): the tiny model and processor in that mode, loaded once per mode like a hub id."""
-    from helpers import modeling
+    from helpers.model import modeling
 
     loaded = {}
 
@@ -70,7 +70,7 @@ def load_tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def model_and_processor(load_tiny):
     """The tiny model in the default visual-token mode."""
-    from helpers.modeling import DEFAULT_VISUAL_TOKENS
+    from helpers.model.modeling import DEFAULT_VISUAL_TOKENS
 
     return load_tiny(DEFAULT_VISUAL_TOKENS)
 
@@ -86,11 +86,12 @@ def demo_chain(tmp_path_factory, green_judge_dir) -> Path:
     and the demo judge is the session's build (`green_judge_dir`, the same build), copied where notebook 02 would build
     it.
     """
-    from helpers import demo_models, modeling
+    from helpers.model import modeling
+    from helpers.demo import tiny_models
     from helpers.run_notebooks import main
 
     out = tmp_path_factory.mktemp("demo")
-    shutil.copytree(green_judge_dir, out / "models" / demo_models.DEMO_JUDGE_DIR)
+    shutil.copytree(green_judge_dir, out / "models" / tiny_models.DEMO_JUDGE_DIR)
     assert main(["--out", str(out), "-p", "VISUAL_TOKENS", modeling.DEFAULT_VISUAL_TOKENS,
                  "-p", "DPO_STUDIES", str(DEMO_DPO_STUDIES)]) == 0
     return out
@@ -113,8 +114,8 @@ def green_judge_dir(tmp_path_factory, worker_id, sample_studies) -> Path:
     ~18 s and five test files use it."""
     from filelock import FileLock
 
-    from helpers import demo_models
+    from helpers.demo import tiny_models
 
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     with FileLock(shared / "tiny-green-judge.lock"):  # build_random_judge returns a finished build as it is
-        return demo_models.build_random_judge(shared / "tiny-green-judge", demo_models.tokenizer_corpus(sample_studies))
+        return tiny_models.build_random_judge(shared / "tiny-green-judge", tiny_models.tokenizer_corpus(sample_studies))

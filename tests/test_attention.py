@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import attention, data, generation, modeling, plots
+from helpers.core import data
+from helpers.model import attention, generation, modeling
+from helpers.evaluate import plots
 
 MAX_VIEWS = 3
 

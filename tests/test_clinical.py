@@ -1,4 +1,4 @@
-"""helpers.clinical: RadEval's metrics on random stand-in checkpoints loaded through RadEval's own code, the tables,
+"""helpers.metrics.clinical: RadEval's metrics on random stand-in checkpoints loaded through RadEval's own code, the tables,
 the bootstrap of corpus metrics and the paired differences."""
 import math
 import sys
@@ -9,9 +9,12 @@ import pytest
 import torch
 from sklearn.metrics import classification_report
 
-from helpers import clinical, demo_models, metrics, plots, radeval_compat, radeval_stand_ins, runs
-from helpers.data import REGIONS
-from helpers.reports import REPORT
+from helpers.core import runs
+from helpers.metrics import clinical, nlg, radeval_compat
+from helpers.demo import radeval_stand_ins, tiny_models
+from helpers.evaluate import plots
+from helpers.core.data import REGIONS
+from helpers.core.report_format import REPORT
 
 NORMAL = {"lung": "The lungs are clear. No pleural effusion or pneumothorax.", "heart": "Heart size is normal.",
           "mediastinal": "The mediastinum is unremarkable.", "bone": "No acute osseous abnormality."}
@@ -51,7 +54,7 @@ def systems(references):
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory, sample_studies):
     return radeval_stand_ins.build_radeval_stand_ins(tmp_path_factory.mktemp("radeval") / "radeval",
-                                               demo_models.tokenizer_corpus(sample_studies))
+                                               tiny_models.tokenizer_corpus(sample_studies))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +135,7 @@ def test_paired_differences_identical_and_better(evaluated):
 
 
 def test_corpus_bootstrap_recomputes_on_the_same_draws():
-    """Resample weights draw studies as metrics.paired_bootstrap does: a mean's paired interval is the same either way;
+    """Resample weights draw studies as nlg.paired_bootstrap does: a mean's paired interval is the same either way;
     a corpus F1 is recomputed per resample (its interval brackets the value; constant labels give a point)."""
     rng = np.random.default_rng(1)
     a, b = rng.random(20), rng.random(20)
@@ -141,7 +144,7 @@ def test_corpus_bootstrap_recomputes_on_the_same_draws():
     frame = lambda x: pd.DataFrame({"BERTScore": x})
     ours = np.percentile(clinical.statistic(frame(b), "BERTScore", weights) -
                          clinical.statistic(frame(a), "BERTScore", weights), [2.5, 97.5])
-    assert ours == pytest.approx(metrics.paired_bootstrap(a, b, 300, 7)["ci95"])
+    assert ours == pytest.approx(nlg.paired_bootstrap(a, b, 300, 7)["ci95"])
     labels = lambda: [list(rng.integers(0, 2, 14)) for _ in range(20)]
     part = pd.DataFrame({"chexbert_reference": labels(), "chexbert_candidate": labels()})
     value = clinical.statistic(part, "CheXbert F1 micro-14", np.ones((1, 20)))[0]

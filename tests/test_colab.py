@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from conftest import ROOT
 
-from helpers import colab
+from helpers.core import colab
 from helpers.run_notebooks import NOTEBOOKS_DIR
 
 NOTEBOOKS = sorted(p.name for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -39,18 +39,18 @@ def test_the_setup_cell_on_colab_pulls_installs_and_imports_helpers_afresh(tmp_p
     repo = tmp_path / "xray-rrg"
     if cloned:
         repo.mkdir()
-    bootstrap = setup_cell("04_green_eval.ipynb").split("\nfrom helpers import")[0].replace("/content/xray-rrg",
+    bootstrap = setup_cell("04_green_eval.ipynb").split("\nfrom helpers")[0].replace("/content/xray-rrg",
                                                                                             str(repo))
     script = f"""
 import json, subprocess, sys, types
 sys.modules["google.colab"] = types.ModuleType("google.colab")
 sys.path.insert(0, {str(ROOT)!r})  # stands for the clone, which git does not really make here
-import helpers.colab as before
+import helpers.core.colab as before
 commands = []
 subprocess.run = lambda command, check: commands.append(command)
 exec({bootstrap!r})
-import helpers.colab
-print(json.dumps({{"commands": commands, "fresh": helpers.colab is not before, "path": sys.path[0]}}))
+import helpers.core.colab
+print(json.dumps({{"commands": commands, "fresh": helpers.core.colab is not before, "path": sys.path[0]}}))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -84,7 +84,7 @@ def test_colab_installs_the_packages_make_venv_installs_without_dependencies():
 
 
 def test_imported_distributions_are_those_with_a_module_loaded():
-    script = ("import json, helpers.colab as c; first = c.imported_distributions(); import tqdm; "
+    script = ("import json, helpers.core.colab as c; first = c.imported_distributions(); import tqdm; "
               "print(json.dumps([first, c.imported_distributions()]))")
     first, then = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                             cwd=ROOT, check=True).stdout)

@@ -11,9 +11,12 @@ import time
 import psutil
 import pytest
 
-from helpers import commands, demo_models, grounding, storage
-from helpers.judge_server import free_port
-from helpers.runs import SPLIT_NAMES, Artifacts
+from helpers import commands
+from helpers.core import storage
+from helpers.demo import tiny_models
+from helpers.evaluate import grounding
+from helpers.judge.servers import free_port
+from helpers.core.runs import SPLIT_NAMES, Artifacts
 
 from conftest import ROOT
 from tiny_run import make_run
@@ -96,7 +99,7 @@ def test_process_device_map_puts_the_whole_model_on_this_process_gpu(monkeypatch
     """DDP with 4-bit weights needs each process's whole model on its own GPU (TRL's QLoRA multi-GPU recipe)."""
     from types import SimpleNamespace
 
-    from helpers import lm
+    from helpers.core import lm
 
     assert lm.process_device_map() == {"": "cpu"}
     monkeypatch.setattr(lm.torch.cuda, "is_available", lambda: True)
@@ -208,7 +211,7 @@ def test_two_process_evaluate_equals_one_process(ddp_run, sample_studies, tmp_pa
     outputs = {}
     for processes in (1, 2):
         artifacts = copy_of_trained(ddp_run, tmp_path / f"artifacts{processes}")
-        shutil.copytree(green_judge_dir, artifacts / "models" / demo_models.DEMO_JUDGE_DIR)
+        shutil.copytree(green_judge_dir, artifacts / "models" / tiny_models.DEMO_JUDGE_DIR)
         run = Artifacts(artifacts).run("ddp")
         run.generate_dir.mkdir(parents=True)
         for split in SPLIT_NAMES:  # predictions: the reports of train studies, short real text for the judge
@@ -276,7 +279,7 @@ def test_a_wrong_judge_is_one_line_and_status_2_before_any_model_loads(engine, m
                                                                        capsys, monkeypatch):
     """A preference preset's judge is checked before the model loads (its weights: "unused/judge" exists nowhere);
     nothing listens on the free port."""
-    from helpers import training
+    from helpers.train import training
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model loaded before the judge was checked")
@@ -290,7 +293,7 @@ def test_a_wrong_judge_is_one_line_and_status_2_before_any_model_loads(engine, m
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    """A ValueError or FileNotFoundError that is no user error is not caught: only helpers.errors.UserError is."""
+    """A ValueError or FileNotFoundError that is no user error is not caught: only helpers.core.errors.UserError is."""
     def push(*args):
         raise FileNotFoundError("a bug's missing file")
 

@@ -22,7 +22,7 @@ import torch
 from transformers.generation.continuous_batching import cache as paged
 from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
 
-from helpers import judge, judge_engines
+from helpers.judge import engines, judge
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def prompts(loaded, texts):
 
 def engine_for(loaded, eos_token_id=None):
     model, tokenizer = loaded
-    return judge_engines.ContinuousEngine(model, tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
+    return engines.ContinuousEngine(model, tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
                                           tokenizer.pad_token_id)
 
 
@@ -102,7 +102,7 @@ def test_a_failed_chunk_frees_its_cache_and_leaves_the_callers_rng(loaded, promp
         alive = [ref() is not None for ref, *_ in built]  # one cache: the CPU's, sized to the chunk
     finally:
         gc.enable()
-    assert failed == [judge_engines.Failed("continuous batching: CUDA out of memory (injected)")] * len(prompts)
+    assert failed == [engines.Failed("continuous batching: CUDA out of memory (injected)")] * len(prompts)
     assert calls[0] == 3 and alive == [False]  # the failing step ran, and its cache did not outlive the chunk
     assert torch.equal(torch.get_rng_state(), rng)  # the library's seeding of torch stayed inside the chunk
     assert not generation_threads()
@@ -190,7 +190,7 @@ def test_on_a_gpu_the_cache_is_sized_by_the_library_and_an_oversized_pair_is_ref
                                               r"JUDGE_ENGINE='static'"):
             engine.answer(prompts, budgets)
     # every batch-token count was sized (on the meta device) and none held it: no cache, no step, no thread
-    assert [(device, tokens) for _, device, tokens, _ in built] == [("meta", n) for n in judge_engines.BATCH_TOKENS]
+    assert [(device, tokens) for _, device, tokens, _ in built] == [("meta", n) for n in engines.BATCH_TOKENS]
     assert calls[0] == 0 and not generation_threads()
     assert loaded[0].config._attn_implementation == "sdpa"
 

@@ -7,10 +7,10 @@ import pytest
 from conftest import ROOT, SHARED_IU_XRAY, needs_shared
 from PIL import Image, PngImagePlugin
 
-from helpers.data import (ALL_REGIONS, _parse_entry, by_split, load_studies, open_image, read_annotation,
+from helpers.core.data import (ALL_REGIONS, _parse_entry, by_split, load_studies, open_image, read_annotation,
                           readable_studies, study_images)
-from helpers.data import DataError
-from helpers.storage import JsonlStore, atomic_write_json
+from helpers.core.data import DataError
+from helpers.core.storage import JsonlStore, atomic_write_json
 
 
 def make_data(tmp_path, annotation, image_ids):

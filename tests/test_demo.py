@@ -8,8 +8,12 @@ import pandas as pd
 import pytest
 from test_report import check_demo_report
 
-from helpers import commands, demo_models, modeling, reports, runs, smoke
-from helpers.modeling import load_for_inference, load_processor, training_chat_template
+from helpers import commands
+from helpers.core import report_format, runs
+from helpers.model import modeling
+from helpers.demo import tiny_models
+from helpers.preflight import smoke
+from helpers.model.modeling import load_for_inference, load_processor, training_chat_template
 from helpers.run_notebooks import DEMO_RUNS, NOTEBOOKS_DIR, main
 
 # what a quiet start leaves out of the executed notebooks: tqdm without widgets, the kernel's plain-TCP warning,
@@ -53,7 +57,7 @@ def test_the_four_notebooks_run_in_order_on_the_sample(demo_chain, sample_dir):
         assert list(table.index) == ["Validation", "Testing"]
         assert list(table.columns) == ["Lung", "Heart", "Mediastinal", "Bone", "Mean", "Whole report", "judge"]
         # its id, precision and engine beside the scores
-        assert table.judge.str.endswith(f"{demo_models.DEMO_JUDGE_DIR} (fp32, continuous batching)").all()
+        assert table.judge.str.endswith(f"{tiny_models.DEMO_JUDGE_DIR} (fp32, continuous batching)").all()
         assert table.drop(columns="judge").notna().all().all()  # the demo judge writes GREEN's format: numbers
     compare = pd.read_csv(artifacts.compare_dir / "green_compare.csv", index_col=[0, 1])
     assert set(compare.index.get_level_values(0)) == {*DEMO_RUNS, "template", "retrieval"}
@@ -75,7 +79,7 @@ def test_notebook_02_writes_the_run_contract(demo_chain, sample_studies):
     for key in ("model_id", "load_in_4bit", "visual_tokens", "max_views", "max_length", "preset", "stages",
                 "instruction", "holdout_ids"):
         assert key in config
-    assert config["instruction"] == reports.INSTRUCTION and config["model_id"].endswith("tiny-llava")
+    assert config["instruction"] == report_format.INSTRUCTION and config["model_id"].endswith("tiny-llava")
     assert set(config["holdout_ids"]) <= {s.id for s in sample_studies if s.split == "train"}
     metrics = json.loads(run.metrics_path.read_text())
     assert [s["name"] for s in metrics["stages"]] == ["frozen_vision", "vision_lora"]
@@ -105,7 +109,7 @@ def check_run(run, mode: str, preset: str, attention_studies: int = 3):
     study (heatmaps need region tokens, which a random model may not write)."""
     config, metrics = run.config, json.loads(run.metrics_path.read_text())
     assert run.trained and config["preset"] == preset
-    assert config["instruction"] == reports.INSTRUCTION and config["visual_tokens"] == mode
+    assert config["instruction"] == report_format.INSTRUCTION and config["visual_tokens"] == mode
     assert all(set(stage["holdout_nlg"]) >= {"BLEU-4", "ROUGE-L", "CIDEr"} for stage in metrics["stages"])
     for split, n in (("val", 4), ("test", 4)):
         lines = run.predictions(split).read_text().splitlines()

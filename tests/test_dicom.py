@@ -19,7 +19,7 @@ from pydicom.uid import (MPEG2MPML, DigitalXRayImageStorageForPresentation, Expl
                          JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
                          JPEGLSLossless, JPEGLSNearLossless, RLELossless, generate_uid)
 
-from helpers.data import ALL_REGIONS, DataError, image_size, load_studies, open_image, study_images
+from helpers.core.data import ALL_REGIONS, DataError, image_size, load_studies, open_image, study_images
 
 RAMP = np.arange(4096, dtype=np.uint16).reshape(64, 64)  # every 12-bit level once
 
@@ -148,7 +148,7 @@ def test_a_syntax_no_decoder_reads_is_refused_saying_what_to_export(tmp_path):
 def test_a_missing_decoder_package_is_named():
     """Where pylibjpeg is not installed (a failed `pip install -r requirements.txt`), in a fresh interpreter."""
     script = ("import sys; sys.modules['pylibjpeg'] = None  # not installed\n"
-              "from helpers.data import open_image\n"
+              "from helpers.core.data import open_image\n"
               f"open_image({get_testdata_file('MR_small_jpeg_ls_lossless.dcm')!r}, 's1')")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1

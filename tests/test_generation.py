@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from helpers import attention, data, modeling, reports
-from helpers.settings import resolve
-from helpers import generation, runs
-from helpers.data import REGIONS
+from helpers.core import data, report_format
+from helpers.model import attention, modeling
+from helpers.core.settings import resolve
+from helpers.core import runs
+from helpers.model import generation
+from helpers.core.data import REGIONS
 
 MAX_VIEWS = 3
 
@@ -142,12 +144,12 @@ def test_region_token_indices_match_parsed_sections(model_and_processor, sample_
     messy = ("**Lungs:** clear, no effusion.\n- Heart: normal size\n  and shape.\nMediastinum: None\n"
              "Bone: intact. <|im_end|> xx")
     inline = "Lung: clear. Heart: normal.\nImpression: nothing acute.\nBone: intact."  # one-line answer, other header
-    texts = [reports.format_report(s.regions) for s in sample_studies if s.regions] + [inline, messy]
+    texts = [report_format.format_report(s.regions) for s in sample_studies if s.regions] + [inline, messy]
     for text in texts:
         ids = _line_aligned_ids(tokenizer, text)
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
-        regions, parsed = reports.parse_report(decoded)
-        assert parsed and regions == reports.parse_report(text)[0]
+        regions, parsed = report_format.parse_report(decoded)
+        assert parsed and regions == report_format.parse_report(text)[0]
         indices = generation.region_token_indices(tokenizer, ids)
         for region in REGIONS:
             span_text = tokenizer.decode([ids[i] for i in indices[region]], skip_special_tokens=True)
@@ -160,7 +162,7 @@ def test_region_token_indices_match_parsed_sections(model_and_processor, sample_
 def test_region_token_indices_with_tokens_across_lines(model_and_processor, sample_studies):
     tokenizer = model_and_processor[1].tokenizer
     for study in sample_studies[:8]:
-        text = reports.format_report(study.regions)
+        text = report_format.format_report(study.regions)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         indices = generation.region_token_indices(tokenizer, ids)
         flat = [i for idx in indices.values() for i in idx]
@@ -198,8 +200,8 @@ def test_summarize():
 @pytest.fixture(scope="module")
 def demo_artifacts(tiny_model_dir, tmp_path_factory):
     """An artifacts dir holding a run laid out like notebook 02's (config.json, adapter/), adapter untrained."""
-    from helpers import training
-    from helpers.storage import atomic_write_json
+    from helpers.train import training
+    from helpers.core.storage import atomic_write_json
 
     artifacts = tmp_path_factory.mktemp("artifacts")
     run = runs.Artifacts(artifacts).run("demo")

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from helpers import gpu_check, gpu_judge, gpu_plan, settings
+from helpers.core import settings
+from helpers.preflight import gpu_check, gpu_judge, gpu_plan
 
 
 def positive(record, *fields):

@@ -4,10 +4,14 @@ import math
 
 import pytest
 
-from helpers import baselines, data, demo_models, generation, green, judge, modeling, reports, runs, settings
-from helpers.data import REGIONS, Study
-from helpers.demo_models import tokenizer_corpus
-from helpers.storage import JsonlStore
+from helpers.core import data, report_format, runs, settings
+from helpers.model import generation, modeling
+from helpers.judge import judge
+from helpers.demo import tiny_models
+from helpers.evaluate import baselines, green
+from helpers.core.data import REGIONS, Study
+from helpers.demo.tiny_models import tokenizer_corpus
+from helpers.core.storage import JsonlStore
 
 HAND_JUDGE = "hand-written-judge"  # not a model: every pair is in the cache, so loading it would fail the test
 
@@ -111,7 +115,7 @@ def test_protocol_arithmetic(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory, sample_studies):
     """The demo's tiny judge, trained on the train split's reports only: val and test reports are unseen."""
-    return demo_models.build_random_judge(tmp_path_factory.mktemp("judge") / "tiny-green-judge",
+    return tiny_models.build_random_judge(tmp_path_factory.mktemp("judge") / "tiny-green-judge",
                                           tokenizer_corpus(data.by_split(sample_studies, "train")))
 
 
@@ -132,7 +136,7 @@ def test_green_answer_format_parses_in_few_tokens(tiny_judge):
     from green_score.utils import clean_responses
 
     _, tokenizer = judge.load_judge(str(tiny_judge))
-    answer_text = demo_models.green_answer(1, 3)
+    answer_text = tiny_models.green_answer(1, 3)
     assert judge.score_response(answer_text) == {"green": 3 / 4, "parsed": True, "matched": 3,
                                                  "errors": {"a": 1, "b": 0, "c": 0, "d": 0, "e": 0, "f": 0}}
     prompt = tokenizer(judge.chat_text(tokenizer, "Heart size is normal.", "Mild cardiomegaly."))["input_ids"]
@@ -140,7 +144,7 @@ def test_green_answer_format_parses_in_few_tokens(tiny_judge):
     assert clean_responses(tokenizer.decode(prompt + answer_ids, skip_special_tokens=True)) == "\n" + answer_text
     assert len(answer_ids) <= settings.PROFILES["demo"]["judge_max_new_tokens"]
     assert len(prompt) + len(answer_ids) < judge.GREEN_MAX_LENGTH
-    note = json.loads((tiny_judge / demo_models.BUILT_NOTE).read_text())["note"]
+    note = json.loads((tiny_judge / tiny_models.BUILT_NOTE).read_text())["note"]
     assert "GREEN's answer format" in note and "meaningless" in note
 
 
@@ -196,7 +200,7 @@ def test_faithful_to_shipped_green(tmp_path, sample_studies):
 
     # a small vocabulary and long reports make GREEN's prompt ~1,930 tokens, so its fixed 2,048-token budget leaves
     # ~120 tokens to generate (CPU fp16, as GREEN loads its judge, is slow)
-    judge_dir = demo_models.build_random_judge(tmp_path / "judge", tokenizer_corpus(sample_studies), vocab_size=340,
+    judge_dir = tiny_models.build_random_judge(tmp_path / "judge", tokenizer_corpus(sample_studies), vocab_size=340,
                                                format_steps=0)
     shipped = GREEN(str(judge_dir), cpu=True, compute_summary_stats=False)
     shipped.tokenizer.batch_encode_plus = shipped.tokenizer.__call__  # removed in transformers 5
@@ -266,7 +270,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir, 
     (artifacts / "regions" / "annotation_with_val.json").write_text(json.dumps(annotation))
     (artifacts / "models").mkdir()
     (artifacts / "models" / "tiny-llava").symlink_to(tiny_model_dir)
-    (artifacts / "models" / demo_models.DEMO_JUDGE_DIR).symlink_to(green_judge_dir)
+    (artifacts / "models" / tiny_models.DEMO_JUDGE_DIR).symlink_to(green_judge_dir)
     references = {"val": {e["id"]: e["report"] for e in annotation["val"]},
                   "test": {e["id"]: e["report"] for e in annotation["test"]}}
     # run "a" repeats each reference and its judge says 1 match, 1 error (GREEN 0.5); run "b" adds a sentence to each
@@ -283,9 +287,9 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir, 
             path.write_text("".join(json.dumps(line) + "\n" for line in lines))
             for line, report in zip(lines, refs.values()):
                 texts = [(report[r], line["regions"][r]) for r in REGIONS]
-                texts.append((reports.whole_report(report), reports.whole_report(line["regions"])))
+                texts.append((report_format.whole_report(report), report_format.whole_report(line["regions"])))
                 responses.update({(ref, cand): said if ref else answer(0) for ref, cand in texts})
-    judge_dir = str(artifacts / "models" / demo_models.DEMO_JUDGE_DIR)
+    judge_dir = str(artifacts / "models" / tiny_models.DEMO_JUDGE_DIR)
     seed_cache(artifacts / "eval" / "green_cache.jsonl", judge_dir, responses, engine="continuous")  # 04's JUDGE_ENGINE
 
     run_notebook("04_green_eval.ipynb", artifacts, profile="demo", METEOR=False, CLINICAL=False)
@@ -298,7 +302,7 @@ def test_notebook_04_demo(tmp_path, sample_dir, sample_studies, tiny_model_dir, 
         assert set(table.pop("judge")) == {f"{judge_dir} (fp32, continuous batching)"}
         assert list(table.index) == ["Validation", "Testing"] and list(table.columns) == columns
         for split, name in runs.SPLIT_NAMES.items():
-            for region, column in reports.HEADERS.items():
+            for region, column in report_format.HEADERS.items():
                 if any(report[region] for report in references[split].values()):
                     assert table.loc[name, column] == pytest.approx(expected)
                 else:
@@ -361,7 +365,7 @@ def test_the_judge_label_names_its_precision_and_keys_its_cache(tmp_path):
 def test_answers_cached_before_prompts_had_bos_are_judged_again(tmp_path):
     """Before cache version 2 the in-process prompts lacked GREEN's BOS (transformers 5): such answers, keyed without the
     version, are not reused."""
-    from helpers.storage import sha256
+    from helpers.core.storage import sha256
 
     path = tmp_path / "cache.jsonl"
     JsonlStore(path).append([{"key": sha256("J (fp32)", "a", "b"), "judge": "J (fp32)", "reference": "a",

@@ -6,9 +6,12 @@ import pandas as pd
 import pytest
 from test_green import HAND_JUDGE, answer, seed_cache
 
-from helpers import commands, data, green, grounding, judge, runs
-from helpers.data import REGIONS, Study
-from helpers.storage import JsonlStore
+from helpers import commands
+from helpers.core import data, runs
+from helpers.judge import judge
+from helpers.evaluate import green, grounding
+from helpers.core.data import REGIONS, Study
+from helpers.core.storage import JsonlStore
 
 
 def test_derangement_moves_every_study_and_is_seeded():

@@ -7,9 +7,12 @@ from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 from tiny_run import make_run
 
-from helpers import commands, data, generation, hub, modeling, report, runs
-from helpers.data import by_split
-from helpers.errors import UserError
+from helpers import commands
+from helpers.core import data, runs
+from helpers.model import generation, modeling
+from helpers.evaluate import hub, report
+from helpers.core.data import by_split
+from helpers.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

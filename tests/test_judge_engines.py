@@ -11,9 +11,12 @@ from collections import Counter
 
 import pytest
 
-from helpers import data, demo_models, green, judge, judge_engines, judge_server, settings
-from helpers.data import REGIONS
-from helpers.storage import JsonlStore
+from helpers.core import data, settings
+from helpers.judge import engines, judge, servers
+from helpers.demo import tiny_models
+from helpers.evaluate import green
+from helpers.core.data import REGIONS
+from helpers.core.storage import JsonlStore
 
 MAX_NEW_TOKENS = settings.PROFILES["demo"]["judge_max_new_tokens"]
 
@@ -34,10 +37,10 @@ def pairs(sample_studies):
 def served(green_judge_dir, tmp_path_factory):
     """A plain `transformers serve` of the demo judge's folder, as shipped (fp32, as the in-process judge on the CPU),
     stopped after the module."""
-    port = judge_server.free_port()
-    command = [str(judge_server.TRANSFORMERS_CLI), "serve", str(green_judge_dir), "--host", "127.0.0.1", "--port",
+    port = servers.free_port()
+    command = [str(servers.TRANSFORMERS_CLI), "serve", str(green_judge_dir), "--host", "127.0.0.1", "--port",
                str(port), "--dtype", "float32", "--device", "cpu"]
-    server = judge_server.ServerProcess(command, port, tmp_path_factory.mktemp("serve") / "log").wait_ready(300)
+    server = servers.ServerProcess(command, port, tmp_path_factory.mktemp("serve") / "log").wait_ready(300)
     yield server
     server.stop()
     assert server.process.poll() is not None
@@ -91,22 +94,22 @@ def test_the_judge_tokenizes_as_green_and_a_server_gets_text_that_reads_back_as_
     text = judge.chat_text(ours, "Heart size is normal.", "Mild cardiomegaly.")
     ids = judge.prompt_ids(ours, [text])[0]
     assert ids == [ours.bos_token_id] + shipped(text, add_special_tokens=False)["input_ids"] + [ours.eos_token_id]
-    trained, answer_start = demo_models.answer_example(shipped, "Heart size is normal.", "Mild cardiomegaly.")
+    trained, answer_start = tiny_models.answer_example(shipped, "Heart size is normal.", "Mild cardiomegaly.")
     assert trained[:answer_start] == ids  # the demo judge learnt GREEN's format on exactly these ids
-    assert judge_engines.served_texts(shipped, [ids]) == [text + ours.eos_token]
+    assert engines.served_texts(shipped, [ids]) == [text + ours.eos_token]
     merged = shipped("Heart", add_special_tokens=False)["input_ids"]
     assert len(merged) == 1  # one token; spelt letter by letter it is ids that no text gives
     spelt = [shipped.convert_tokens_to_ids(c) for c in "▁Heart"]
-    with pytest.raises(judge_engines.JudgeServerError, match="has no text that the judge's own tokenizer reads back"):
-        judge_engines.served_texts(shipped, [ids, [ours.bos_token_id, *spelt, ours.eos_token_id]])
+    with pytest.raises(engines.JudgeServerError, match="has no text that the judge's own tokenizer reads back"):
+        engines.served_texts(shipped, [ids, [ours.bos_token_id, *spelt, ours.eos_token_id]])
 
 
 def test_a_server_killed_mid_run_fails_its_pairs_and_a_rerun_judges_only_those(
         tmp_path, green_judge_dir, pairs, served, static_records, capsys):
-    doomed = judge_server.transformers_serve(green_judge_dir, tmp_path / "doomed")
+    doomed = servers.transformers_serve(green_judge_dir, tmp_path / "doomed")
     cache = tmp_path / "cache.jsonl"
     judged = judge.Judge(str(green_judge_dir), cache, max_new_tokens=MAX_NEW_TOKENS, engine="server", url=doomed.url)
-    judged.runner = judge_engines.ServerEngine(doomed.url, concurrency=2, max_retries=1)
+    judged.runner = engines.ServerEngine(doomed.url, concurrency=2, max_retries=1)
     judged.runner.chunk_size = 4
     append = judged.store.append
 

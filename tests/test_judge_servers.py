@@ -14,9 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers import judge, judge_engines, judge_server, settings
-from helpers.errors import UserError
-from helpers.storage import JsonlStore
+from helpers.core import settings
+from helpers.judge import engines, judge, servers
+from helpers.core.errors import UserError
+from helpers.core.storage import JsonlStore
 
 MAX_NEW_TOKENS = settings.PROFILES["demo"]["judge_max_new_tokens"]
 
@@ -97,21 +98,21 @@ def stub(green_judge_dir):
 
 
 def test_500s_and_timeouts_are_retried_then_counted(stub):
-    engine = judge_engines.ServerEngine(f"{stub}/v1", concurrency=3, timeout=0.5, max_retries=2)
+    engine = engines.ServerEngine(f"{stub}/v1", concurrency=3, timeout=0.5, max_retries=2)
     assert engine.url == stub and engine.flavor == "OpenAI-compatible server"  # no /version: text prompts
     texts = ["ok prompt", "FAIL500 prompt", "SLOW prompt"]
     prompts = Stub.tokenizer(texts)["input_ids"]
     got = engine.answer(prompts, [8] * 3, texts)
     assert got[0] == {"text": " answer", "n_new_tokens": 2, "truncated": False}
-    assert got[1] == judge_engines.Failed(f"{stub}: HTTP 500 after retries")
-    assert got[2] == judge_engines.Failed(f"{stub}: APITimeoutError after retries")
+    assert got[1] == engines.Failed(f"{stub}: HTTP 500 after retries")
+    assert got[2] == engines.Failed(f"{stub}: APITimeoutError after retries")
     assert Stub.requests.count("FAIL500") == Stub.requests.count("SLOW") == 3  # the first try and 2 retries each
     # a server that reads the prompt as other tokens (BOS, GREEN's EOS) is refused outright
     n = len(prompts[0])
-    with pytest.raises(judge_engines.JudgeServerError, match=f"read a prompt as {n} tokens where the judge's tokenizer "
+    with pytest.raises(engines.JudgeServerError, match=f"read a prompt as {n} tokens where the judge's tokenizer "
                                                              f"makes {n + 1}"):
         engine.answer([prompts[0] + [2]], [8], ["ok prompt"])
-    with pytest.raises(judge_engines.JudgeServerError, match=r"refused the request \(400\)"):  # not for length: fatal
+    with pytest.raises(engines.JudgeServerError, match=r"refused the request \(400\)"):  # not for length: fatal
         engine.answer(prompts[:1], [8], ["BADREQ prompt"])
 
 
@@ -119,15 +120,15 @@ def test_failed_pairs_are_counted_and_never_cached(stub, tmp_path, green_judge_d
     """Through the judge: the stub's failures raise JudgeFailed with their count after the rest is cached."""
     cache = tmp_path / "cache.jsonl"
     judged = judge.Judge(str(green_judge_dir), cache, max_new_tokens=MAX_NEW_TOKENS, engine="server", url=stub)
-    judged.runner = judge_engines.ServerEngine(stub, concurrency=2, timeout=5, max_retries=1)
+    judged.runner = engines.ServerEngine(stub, concurrency=2, timeout=5, max_retries=1)
     with pytest.raises(judge.JudgeFailed, match=rf"1 of 2 pairs failed and were not cached \(1 x {stub}: HTTP 500"):
         judged.judge([("ok", "a"), ("FAIL500", "b")])
     assert [r["reference"] for r in JsonlStore(cache).records.values()] == ["ok"]
 
 
 def test_a_wrong_url_is_refused_before_any_work(tmp_path, green_judge_dir):
-    url = f"http://127.0.0.1:{judge_server.free_port()}"  # nothing listens there
-    with pytest.raises(judge_engines.JudgeServerError, match=f"JUDGE_URL {url}: no OpenAI-compatible server answers"):
+    url = f"http://127.0.0.1:{servers.free_port()}"  # nothing listens there
+    with pytest.raises(engines.JudgeServerError, match=f"JUDGE_URL {url}: no OpenAI-compatible server answers"):
         judge.Judge(str(green_judge_dir), tmp_path / "cache.jsonl", engine="server", url=url)
     assert not (tmp_path / "cache.jsonl").exists()
     with pytest.raises(ValueError, match="JUDGE_ENGINE 'fast'"):
@@ -137,14 +138,14 @@ def test_a_wrong_url_is_refused_before_any_work(tmp_path, green_judge_dir):
 def test_answer_budget_and_vllm_command():
     assert judge.answer_budget(500, 16) == 16 and judge.answer_budget(2040, 2048) == 8
     assert judge.answer_budget(2048, 2048) == 1  # a prompt filling GREEN's budget still gets one, counted, token
-    t4 = judge_server.vllm_command("StanfordAIMI/GREEN-RadLlama2-7b", 8123, load_in_4bit=True,
-                                   gpu_memory_utilization=0.83, vllm_bin=judge_server.VLLM_HOME / "bin" / "vllm")
+    t4 = servers.vllm_command("StanfordAIMI/GREEN-RadLlama2-7b", 8123, load_in_4bit=True,
+                                   gpu_memory_utilization=0.83, vllm_bin=servers.VLLM_HOME / "bin" / "vllm")
     assert t4[1:3] == ["serve", "StanfordAIMI/GREEN-RadLlama2-7b"] and t4[-2:] == ["--quantization", "bitsandbytes"]
     assert t4[3:5] == ["--dtype", "half"]
     # room for the one token the static loop gives a prompt that fills GREEN's 2,048 (vLLM refuses it at 2,048)
     assert t4[t4.index("--max-model-len") + 1] == "2049" and t4[t4.index("--gpu-memory-utilization") + 1] == "0.83"
-    assert "--quantization" not in judge_server.vllm_command("m", 8123, load_in_4bit=False, gpu_memory_utilization=0.9,
-                                                             vllm_bin=judge_server.VLLM_HOME / "bin" / "vllm")
+    assert "--quantization" not in servers.vllm_command("m", 8123, load_in_4bit=False, gpu_memory_utilization=0.9,
+                                                             vllm_bin=servers.VLLM_HOME / "bin" / "vllm")
 
 
 LONG_CANDIDATE = " ".join(["Ωμέγα"] * 300)  # byte-fallback tokens: GREEN's prompt passes 2,048 tokens, cut there
@@ -191,7 +192,7 @@ def test_the_api_key_reaches_the_server_and_nowhere_else(stub, tmp_path, green_j
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert files and not any(key.encode() in path.read_bytes() for path in files)
     monkeypatch.setenv("JUDGE_API_KEY", "not-the-key")
-    with pytest.raises(judge_engines.JudgeServerError, match=r"refused the API key \(HTTP 401\): set the server's key "
+    with pytest.raises(engines.JudgeServerError, match=r"refused the API key \(HTTP 401\): set the server's key "
                                                              r"as JUDGE_API_KEY") as refused:
         judge.Judge(str(green_judge_dir), tmp_path / "other.jsonl", engine="server", url=stub).judge([("a", "b")])
     assert key not in str(refused.value) and "not-the-key" not in str(refused.value)
@@ -202,23 +203,23 @@ def test_the_api_key_reaches_the_server_and_nowhere_else(stub, tmp_path, green_j
 def test_the_vllm_build_follows_the_driver(driver, build):
     """Colab's 550 driver runs CUDA 12 only: it gets vLLM's CUDA 12.9 build, from vLLM's index for the pinned version,
     with PyTorch's cu129 torch; a 580+ driver gets the default (CUDA 13) wheel from PyPI."""
-    assert judge_server.vllm_build(driver) == build
-    args = judge_server.pip_install_vllm(build)
+    assert servers.vllm_build(driver) == build
+    args = servers.pip_install_vllm(build)
     if build == "cu129":
-        assert args == [f"vllm=={judge_server.VLLM_VERSION}+cu129", "bitsandbytes",
-                        "--extra-index-url", f"https://wheels.vllm.ai/{judge_server.VLLM_VERSION}/cu129",
+        assert args == [f"vllm=={servers.VLLM_VERSION}+cu129", "bitsandbytes",
+                        "--extra-index-url", f"https://wheels.vllm.ai/{servers.VLLM_VERSION}/cu129",
                         "--extra-index-url", "https://download.pytorch.org/whl/cu129"]
     else:
-        assert args == [f"vllm=={judge_server.VLLM_VERSION}", "bitsandbytes"]
+        assert args == [f"vllm=={servers.VLLM_VERSION}", "bitsandbytes"]
 
 
 def test_a_driver_too_old_is_refused_before_installing(tmp_path, monkeypatch):
     """Mocked: a GPU (none here) and its driver's version."""
-    monkeypatch.setattr(judge_server, "_has_gpu", lambda: True)
-    monkeypatch.setattr(judge_server, "driver_version", lambda: "470.82.01")
-    monkeypatch.setattr(judge_server, "VLLM_HOME", tmp_path / "vllm-home")
+    monkeypatch.setattr(servers, "_has_gpu", lambda: True)
+    monkeypatch.setattr(servers, "driver_version", lambda: "470.82.01")
+    monkeypatch.setattr(servers, "VLLM_HOME", tmp_path / "vllm-home")
     with pytest.raises(UserError, match=r"NVIDIA driver 470.82.01 is too old for vLLM .* needs 525.60.13 or later"):
-        judge_server.vllm_serve("m", tmp_path / "work", load_in_4bit=False)
+        servers.vllm_serve("m", tmp_path / "work", load_in_4bit=False)
     assert not (tmp_path / "vllm-home").exists() and not (tmp_path / "work").exists()
 
 
@@ -226,11 +227,11 @@ def test_vllm_gets_the_free_share_of_the_gpu_less_a_margin():
     """vLLM refuses to start when less than --gpu-memory-utilization x total is free: the share leaves the margin free
     for vLLM's own CUDA context, and is at most vLLM's default 0.9."""
     gib = 2**30
-    assert judge_server.gpu_memory_utilization(79 * gib, 80 * gib) == 0.9  # a GPU to itself: vLLM's default
+    assert servers.gpu_memory_utilization(79 * gib, 80 * gib) == 0.9  # a GPU to itself: vLLM's default
     # a T4 where this process holds 2 GiB: vLLM's default 0.9 would ask for 13.5 GiB, and 13 are free
-    assert judge_server.gpu_memory_utilization(13 * gib, 15 * gib) == 0.8
+    assert servers.gpu_memory_utilization(13 * gib, 15 * gib) == 0.8
     for free in (2 * gib, int(14.3 * gib), int(40.7 * gib), 79 * gib):
-        share = judge_server.gpu_memory_utilization(free, 80 * gib)
-        assert share * 80 * gib <= free - judge_server.VLLM_MARGIN  # vLLM's own check passes, with the margin
+        share = servers.gpu_memory_utilization(free, 80 * gib)
+        assert share * 80 * gib <= free - servers.VLLM_MARGIN  # vLLM's own check passes, with the margin
     with pytest.raises(UserError, match="only 0.5 GiB of the GPU's 15.0 GiB is free"):
-        judge_server.gpu_memory_utilization(gib // 2, 15 * gib)
+        servers.gpu_memory_utilization(gib // 2, 15 * gib)

@@ -11,7 +11,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from helpers.metrics import METRICS, clean_report_iu_xray, meteor_unavailable_reason, nlg_metrics, paired_bootstrap
+from helpers.metrics.nlg import METRICS, clean_report_iu_xray, meteor_unavailable_reason, nlg_metrics, paired_bootstrap
 
 REFERENCES = [
     "The heart is normal in size. The lungs are clear.",

@@ -4,13 +4,15 @@ import json
 import pytest
 import torch
 
-from helpers import data, demo_models, lm, modeling, runs
+from helpers.core import data, lm, runs
+from helpers.model import modeling
+from helpers.demo import tiny_models
 
 
 @pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)
 def test_tiny_model_loads_like_a_hub_checkpoint_in_every_mode(tiny_model_dir, load_tiny, mode):
     before = (tiny_model_dir / "config.json").stat().st_mtime_ns
-    assert demo_models.build_random_llava(tiny_model_dir, ["ignored"]) == tiny_model_dir  # idempotent
+    assert tiny_models.build_random_llava(tiny_model_dir, ["ignored"]) == tiny_model_dir  # idempotent
     assert (tiny_model_dir / "config.json").stat().st_mtime_ns == before
     model, processor = load_tiny(mode)
     side = model.config.vision_config.image_size
@@ -53,8 +55,8 @@ def test_visual_tokens_per_view_for_the_real_geometry():
 def real_geometry_dir(tmp_path_factory, sample_studies):
     """A stand-in with llava-v1.6-mistral-7b's image geometry (CLIP 336/14, the hub's five pinpoints), tiny widths;
     like the hub's, its saved processor has no patch size, feature strategy or extra-token count."""
-    return demo_models.build_random_llava(tmp_path_factory.mktemp("real") / "geometry",
-                                     demo_models.tokenizer_corpus(sample_studies), image_size=336)
+    return tiny_models.build_random_llava(tmp_path_factory.mktemp("real") / "geometry",
+                                     tiny_models.tokenizer_corpus(sample_studies), image_size=336)
 
 
 @pytest.mark.parametrize("mode", modeling.VISUAL_TOKENS)

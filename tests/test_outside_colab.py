@@ -14,20 +14,23 @@ from transformers import TrainerCallback
 from trl.kernels import chunked_logprob
 
 from conftest import ROOT
-from helpers import data, generation, modeling, preference, regions, runs, settings, trainer_fixes, training
+from helpers.core import data, runs, settings
+from helpers.splitting import regions
+from helpers.model import generation, modeling
+from helpers.train import fixes, preference, training
 from test_preference import dpo_config, fake_judge
 
 
 @pytest.mark.parametrize("version,works", [("2.7.1", True), ("2.8.0", False), ("2.9.1+cu128", False),
                                            ("2.10.0", True), ("2.11.0+cu130", True), (torch.__version__, True)])
 def test_trl_fp32_addmm_only_where_torch_takes_it(version, works):
-    assert trainer_fixes.addmm_out_dtype_works(version) == works
+    assert fixes.addmm_out_dtype_works(version) == works
 
 
 def test_importing_training_under_torch_2_9_turns_off_trl_fp32_addmm():
     """A fresh interpreter whose torch says 2.9.1 (the CUDA check itself cannot run here); today's stays as TRL set it."""
     code = ("import torch; torch.__version__ = torch.torch_version.TorchVersion('2.9.1+cu128'); "
-            "import helpers.training; "
+            "import helpers.train.training; "
             "from trl.kernels import chunked_logprob; print(chunked_logprob._MM_OUT_DTYPE)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
@@ -38,9 +41,9 @@ def test_fused_head_takes_torch_below_compute_capability_8(monkeypatch):
     """The capability is passed in (mocked GPU): below 8.0 TRL's torch tiles, from 8.0 its Triton kernels."""
     trl_own = chunked_logprob._use_triton
     monkeypatch.setattr(chunked_logprob, "_use_triton", trl_own)  # restored after the test
-    assert trainer_fixes.configure_fused_head("2.13.0", (8, 0)) == "triton"
+    assert fixes.configure_fused_head("2.13.0", (8, 0)) == "triton"
     assert chunked_logprob._use_triton is trl_own
-    path = trainer_fixes.configure_fused_head("2.13.0", (7, 5))
+    path = fixes.configure_fused_head("2.13.0", (7, 5))
     assert path.startswith("torch (compute capability 7.5")
     assert chunked_logprob._use_triton(torch.device("cuda")) is False
 

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import plots
-from helpers.data import REGIONS
-from helpers.judge import ERROR_CATEGORIES
+from helpers.evaluate import plots
+from helpers.core.data import REGIONS
+from helpers.judge.judge import ERROR_CATEGORIES
 
 
 def labelled(fig):

@@ -1,4 +1,4 @@
-"""Your own X-ray: `predict.Predictor`, `python -m helpers predict` and the Gradio app, on a tiny run.
+"""Your own X-ray: `inference.Predictor`, `python -m helpers predict` and the Gradio app, on a tiny run.
 
 The app is served for real: launched on 127.0.0.1 (a free port), driven through gradio_client with a PNG and a JPEG
 2000 DICOM view, closed on every path. Nothing leaves the machine: gradio's and the client's analytics are off, and
@@ -13,9 +13,10 @@ from pydicom.uid import JPEG2000Lossless
 from test_dicom import write_dicom
 from tiny_run import make_run
 
-from helpers import app, commands, predict
-from helpers.data import DataError
-from helpers.judge_server import free_port
+from helpers import commands
+from helpers.predict import app, inference
+from helpers.core.data import DataError
+from helpers.judge.servers import free_port
 
 SAMPLE_VIEW = "CXR1209_IM-0142/0.png"
 OVERLAYS = ["CXR1209_IM-0142_0_view1_attention.png", "CXR1209_IM-0142_0_view2_attention.png"]  # the folder names it
@@ -24,7 +25,7 @@ OVERLAYS = ["CXR1209_IM-0142_0_view1_attention.png", "CXR1209_IM-0142_0_view2_at
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory, tiny_model_dir, sample_dir):
     run = make_run(tmp_path_factory.mktemp("artifacts"), tiny_model_dir, sample_dir)
-    return predict.Predictor.load(run)
+    return inference.Predictor.load(run)
 
 
 def dicom_of(png, path, invert=False):
@@ -45,7 +46,7 @@ def test_a_png_and_a_monochrome1_dicom_give_the_report_of_the_same_pixels(predic
     # the inverted DICOM comes back as the PNG's pixels: two copies of the PNG write the same report
     assert predictor([png, png], tmp_path / "out2", attention=False)["text"] == result["text"]
     assert np.array_equal(np.asarray(Image.open(png).convert("RGB")),
-                          np.asarray(predict.study_images(predict.Study("d", "predict", None, None, [dicom]))[0]))
+                          np.asarray(inference.study_images(inference.Study("d", "predict", None, None, [dicom]))[0]))
 
 
 def test_bad_input_is_named_before_the_model_runs(predictor, sample_dir, tmp_path):
@@ -69,10 +70,10 @@ def test_a_failed_attention_map_never_blocks_the_report(predictor, sample_dir, t
     def out_of_memory(*args, **kwargs):
         raise MemoryError("eager attention over this prompt needs 40 GiB")
 
-    monkeypatch.setattr(predict, "analyze_study", out_of_memory)
+    monkeypatch.setattr(inference, "analyze_study", out_of_memory)
     result = predictor([sample_dir / "images" / SAMPLE_VIEW], tmp_path)
     assert result["overlays"] == [] and result["attention_error"].startswith("MemoryError: eager attention")
-    assert "attention overlays skipped: MemoryError" in predict.in_words(result)
+    assert "attention overlays skipped: MemoryError" in inference.in_words(result)
     text, overlays = app.predict_uploads(predictor, [str(sample_dir / "images" / SAMPLE_VIEW)])
     assert text.startswith(result["report"]) and "attention overlays skipped" in text and overlays == []
 

@@ -10,9 +10,11 @@ from peft.utils import load_peft_weights
 from transformers import TrainerCallback
 from trl.trainer.utils import use_adapter
 
-from helpers import (data, judge, modeling, preference, preference_stage, runs, storage, trainer_config,
-                     training)
-from helpers.settings import resolve
+from helpers.core import data, runs, storage
+from helpers.model import modeling
+from helpers.judge import judge
+from helpers.train import preference, preference_stage, recipe, training
+from helpers.core.settings import resolve
 
 DEMO = resolve("demo")
 JUDGE_ID = "no-such-judge"  # never loaded: every pair below is in the cache
@@ -228,7 +230,7 @@ def test_the_stage_starts_from_stage_2_with_stage_2_as_its_frozen_reference(tiny
     adapter, final = load_peft_weights(str(run.adapter_dir)), load_peft_weights(str(stage3))
     assert adapter.keys() == final.keys() and all(torch.equal(adapter[k], final[k]) for k in adapter)
     assert not (run.adapter_dir / "ref").exists() and list(json.loads(
-        (run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]) == [trainer_config.PROJECTOR]
+        (run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]) == [recipe.PROJECTOR]
     pairs = preference.read_pairs(run.preferences_path)
     assert {p["id"] for p in pairs} <= {s.id for s in fit + held}
     assert all(set(p) == {"id", "held_out", "chosen", "rejected", "chosen_reward", "rejected_reward",
@@ -300,7 +302,7 @@ def test_the_sft_counterpart_is_the_run_with_the_same_settings_and_its_sft_stage
                              "preference": {"beta": 0.1}}}
     for name, config in configs.items():
         storage.atomic_write_json(artifacts.run(name).config_path, config)
-    from helpers import evaluation
+    from helpers.evaluate import evaluation
 
     assert evaluation.sft_counterparts(artifacts, list(configs)) == {"dpo": "sft", "dpo-alone": None}
     assert evaluation.sft_counterparts(artifacts, ["sft-other-seed", "dpo"]) == {"dpo": None}
@@ -313,9 +315,9 @@ def test_the_memory_check_counts_both_sequences_of_a_preference_pair(tiny_model_
     sft = training.make_config(t4, model_id=str(tiny_model_dir), max_length=1000, preset="two_stage", batch_size=1)
     dpo = {**sft, "stages": training.resolve_stages("two_stage_dpo", 3), "preference": {"beta": 0.1}}
     model_config = AutoConfig.from_pretrained(str(tiny_model_dir))
-    sft_parts, dpo_parts = (trainer_config.memory_estimate_gib(c, model_config) for c in (sft, dpo))
-    assert trainer_config.dpo_batch({**sft, "batch_size": 1, "grad_accum": 8}) == (1, 8)  # 8 pairs per optimizer step
-    assert trainer_config.dpo_batch({**sft, "batch_size": 4, "grad_accum": 2}) == (2, 4)
+    sft_parts, dpo_parts = (recipe.memory_estimate_gib(c, model_config) for c in (sft, dpo))
+    assert recipe.dpo_batch({**sft, "batch_size": 1, "grad_accum": 8}) == (1, 8)  # 8 pairs per optimizer step
+    assert recipe.dpo_batch({**sft, "batch_size": 4, "grad_accum": 2}) == (2, 4)
     assert math.isclose(dpo_parts["activations"], 2 * sft_parts["activations"])  # batch 1: one pair, two sequences
     assert dpo_parts["weights"] == sft_parts["weights"]
 
@@ -324,8 +326,8 @@ def test_the_comparison_with_the_sft_counterpart_takes_metrics_that_did_not_run(
     """GREEN's paired difference per region, NLG with METEOR switched off (None), length and distinct reports."""
     import pandas as pd
 
-    from helpers import evaluation, green
-    from helpers.reports import REPORT
+    from helpers.evaluate import evaluation, green
+    from helpers.core.report_format import REPORT
 
     rows = [{"system": system, "split": split, "id": f"s{i}", "region": region, "green": score,
              "ref_empty": False, "parsed": True}

@@ -13,9 +13,11 @@ import torch
 
 from transformers import TrainerCallback
 
-from helpers import (attention, data, generation, judge, modeling, preference, preference_stage, runs,
-                     settings, train_data, training)
-from helpers.settings import torch_dtype
+from helpers.core import data, runs, settings
+from helpers.model import attention, generation, modeling
+from helpers.judge import judge
+from helpers.train import examples, preference, preference_stage, training
+from helpers.core.settings import torch_dtype
 
 # (name, GiB as torch reports it, compute capability) of a GPU each profile is picked for
 PROFILE_GPUS = {"t4": ("Tesla T4", 14.7, (7, 5)), "l4": ("NVIDIA L4", 22.2, (8, 9)),
@@ -81,7 +83,7 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, green_judge_dir, samp
 
     # three stages of one epoch, 2 optimizer steps per SFT stage at the profile's batch size; no accumulation, for
     # time (the effective batch of the profiles: test_training.py)
-    fit, held = train_data.holdout_split(data.by_split(sample_studies, "train"))
+    fit, held = examples.holdout_split(data.by_split(sample_studies, "train"))
     fit = fit[:2 * emulated.batch_size]
     stages = [dict(s, epochs=1) for s in training.PRESETS["two_stage_dpo"]]
     demo_answer = settings.PROFILES["demo"]["judge_max_new_tokens"]  # the tiny judge's answers end within it

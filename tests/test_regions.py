@@ -6,9 +6,10 @@ import pytest
 from conftest import SHARED_IU_XRAY, needs_shared
 from openai.types.chat import ChatCompletion
 
-from helpers import data, region_checks, regions
-from helpers.storage import atomic_write_json
-from helpers.errors import UserError
+from helpers.core import data
+from helpers.splitting import regions, validation
+from helpers.core.storage import atomic_write_json
+from helpers.core.errors import UserError
 
 SEED_REPORT, SEED_SPLIT = regions.FEW_SHOT[0]  # a real training report with its provided split
 
@@ -115,30 +116,30 @@ def test_unknown_backend_is_a_clear_error():
 # ---------------------------------------------------------------- validation
 
 def test_a_faithful_split_has_no_violations():
-    assert region_checks.validate_split(SEED_REPORT, SEED_SPLIT) == []
+    assert validation.validate_split(SEED_REPORT, SEED_SPLIT) == []
 
 
 def test_schema_violations_are_named():
     bad = {"lung": "Lungs are clear.", "heart": 3, "bone": "", "others": "", "extra": ""}
-    problems = region_checks.validate_split("Lungs are clear.", bad)
+    problems = validation.validate_split("Lungs are clear.", bad)
     assert "missing key 'mediastinal'" in problems and "unexpected key 'extra'" in problems
     assert "'heart' is not a string" in problems
-    assert region_checks.validate_split("Lungs are clear.", ["Clear."]) == ["output is not a JSON object (got list)"]
+    assert validation.validate_split("Lungs are clear.", ["Clear."]) == ["output is not a JSON object (got list)"]
 
 
 def test_invented_and_dropped_content_are_violations():
     text = "The lungs are clear. Degenerative changes of the thoracic spine."
     split = {"lung": "The lungs are clear. Large right pneumothorax.", "heart": "", "mediastinal": "", "bone": "",
              "others": ""}
-    problems = region_checks.validate_split(text, split)
+    problems = validation.validate_split(text, split)
     assert problems == ["lung: not grounded in the report: 'Large right pneumothorax.'",
                         "not covered by any region: 'Degenerative changes of the thoracic spine.'"]
 
 
 def test_json_is_extracted_from_chatty_answers():
-    assert region_checks.extract_json_object('Sure!\n```json\n{"lung": "Clear."}\n```') == {"lung": "Clear."}
-    assert region_checks.extract_json_object('{bad} then {"a": 1}') == {"a": 1}
-    assert region_checks.extract_json_object("no json here") is None and region_checks.extract_json_object(None) is None
+    assert validation.extract_json_object('Sure!\n```json\n{"lung": "Clear."}\n```') == {"lung": "Clear."}
+    assert validation.extract_json_object('{bad} then {"a": 1}') == {"a": 1}
+    assert validation.extract_json_object("no json here") is None and validation.extract_json_object(None) is None
 
 
 # ---------------------------------------------------------------- cache
@@ -282,7 +283,7 @@ def tiny_llama(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from helpers.demo_models import train_tokenizer
+    from helpers.demo.tiny_models import train_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = train_tokenizer([regions.SYSTEM_PROMPT] + [r + json.dumps(s) for r, s in regions.FEW_SHOT], vocab_size=400)
@@ -338,10 +339,10 @@ def test_agreement_counts_presence_and_rouge():
     empty = dict.fromkeys(data.ALL_REGIONS, "")
     a = {"x": empty, "y": dict(empty, lung="Lungs are clear.")}
     b = {"x": dict(a["x"], lung="Clear."), "y": dict(a["y"], lung="The lungs are clear.")}
-    lung = region_checks.agreement(a, b)["lung"]
+    lung = validation.agreement(a, b)["lung"]
     assert lung["presence"] == 0.5 and lung["n"] == 2
     assert lung["rouge_l"] == pytest.approx((0 + 2 * 3 / 7) / 2)
-    assert region_checks.agreement(a, b)["heart"] == {"presence": 1.0, "rouge_l": 1.0, "n": 2}
+    assert validation.agreement(a, b)["heart"] == {"presence": 1.0, "rouge_l": 1.0, "n": 2}
 
 
 # ---------------------------------------------------------------- the real training data (regression guard)
@@ -358,7 +359,7 @@ def test_rules_meet_the_task_thresholds_on_the_training_reports():
     gold = {e["id"]: e["report"] for e in json.loads((SHARED_IU_XRAY / "annotation.json").read_text())["train"]}
     with open(SHARED_IU_XRAY / "train_original_findings.csv", newline="") as f:
         ours = {row["id"]: rules(row["findings"]) for row in csv.DictReader(f)}
-    scores = region_checks.agreement(gold, ours, data.REGIONS)
+    scores = validation.agreement(gold, ours, data.REGIONS)
     assert scores["lung"]["n"] == 2069
     assert sum(s["rouge_l"] for s in scores.values()) / 4 >= 0.85, scores
     for region, s in scores.items():

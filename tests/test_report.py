@@ -8,10 +8,14 @@ import pandas as pd
 import pytest
 from test_green import HAND_JUDGE, answer, seed_cache
 
-from helpers import green, grounding, judge, metrics, report, runs, training
-from helpers.data import REGIONS, Study
-from helpers.green import TABLE_COLUMNS
-from helpers.settings import setup
+from helpers.core import runs
+from helpers.judge import judge
+from helpers.metrics import nlg
+from helpers.train import training
+from helpers.evaluate import green, grounding, report
+from helpers.core.data import REGIONS, Study
+from helpers.evaluate.green import TABLE_COLUMNS
+from helpers.core.settings import setup
 
 STAGES = [{"stage": 1, "name": "frozen_vision", "epochs": 2, "lr": 2e-4, "global_step": 40, "seconds": 5400.0,
            "peak_gpu_memory_gb": 11.5, "best_checkpoint": "checkpoint-30", "best_eval_loss": 1.234},
@@ -42,7 +46,7 @@ def artifacts(tmp_path_factory, tiny_model_dir, sample_dir):
     stats = green.region_stats(frame)
     tables = green.tables_by_system(frame, stats, 200, 0)
     diff = green.paired_differences(frame, ["run-a", "run-b"], "run-a", 200, 0)
-    green.write_outputs(frame, stats, tables, diff, metrics.nlg_table(systems, refs, meteor=False), artifacts,
+    green.write_outputs(frame, stats, tables, diff, nlg.nlg_table(systems, refs, meteor=False), artifacts,
                         ["run-a", "run-b"])
     config = training.make_config(setup("demo", sample_dir, root), model_id=str(tiny_model_dir), max_length=512)
     for name in ("run-a", "run-b"):

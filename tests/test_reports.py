@@ -2,8 +2,8 @@
 import pytest
 from conftest import SHARED_IU_XRAY, needs_shared
 
-from helpers.data import REGIONS
-from helpers.reports import INSTRUCTION, degenerate_reasons, format_report, parse_report, user_message
+from helpers.core.data import REGIONS
+from helpers.core.report_format import INSTRUCTION, degenerate_reasons, format_report, parse_report, user_message
 
 EMPTY = {"lung": "", "heart": "", "mediastinal": "", "bone": ""}
 
@@ -27,7 +27,7 @@ def test_round_trip_on_sample(sample_studies):
 
 @needs_shared
 def test_round_trip_on_every_gold_report_of_the_real_annotation():
-    from helpers.data import read_annotation  # the reports only: the shared folder has no images
+    from helpers.core.data import read_annotation  # the reports only: the shared folder has no images
 
     annotation = read_annotation(SHARED_IU_XRAY / "annotation.json")
     reports = [(e["id"], e["report"]) for split in ("train", "test") for e in annotation[split]]
@@ -103,7 +103,7 @@ def test_no_gold_report_with_text_is_degenerate(sample_studies):
 
 @needs_shared
 def test_no_gold_report_of_the_real_annotation_is_degenerate_but_for_empty_ones():
-    from helpers.data import read_annotation
+    from helpers.core.data import read_annotation
 
     annotation = read_annotation(SHARED_IU_XRAY / "annotation.json")
     reasons = {e["id"]: degenerate_reasons(format_report(e["report"])) for split in ("train", "test")

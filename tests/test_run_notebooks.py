@@ -9,7 +9,7 @@ import sys
 import nbformat
 from conftest import ROOT
 
-from helpers import data
+from helpers.core import data
 from helpers.run_notebooks import run_notebook
 
 NOTEBOOK = "01_region_prompting.ipynb"

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from helpers import runs
+from helpers.core import runs
 
 
 def make_run(artifacts, name, trained=True, predictions=True):

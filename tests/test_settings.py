@@ -1,8 +1,8 @@
 """The one settings step: profile from the GPU's memory, precision from its capability, what each notebook gets."""
 import pytest
 
-from helpers import settings
-from helpers.settings import pick_profile, precision_for
+from helpers.core import settings
+from helpers.core.settings import pick_profile, precision_for
 
 
 def test_pick_profile_by_gpu_memory():
@@ -53,8 +53,9 @@ def test_demo_and_unknown_profiles(tmp_path):
 
 def test_the_issue_facing_names_are_reexported():
     import helpers
-    from helpers import metrics, modeling
+    from helpers.model import modeling
+    from helpers.metrics import nlg
 
     assert helpers.pick_profile is pick_profile and helpers.setup is settings.setup
     assert helpers.visual_tokens_per_view is modeling.visual_tokens_per_view
-    assert helpers.nlg_metrics is metrics.nlg_metrics
+    assert helpers.nlg_metrics is nlg.nlg_metrics

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from helpers import smoke
+from helpers.preflight import smoke
 
 T4 = SimpleNamespace(gpu_name="Tesla T4", gpu_memory_gb=14.7, profile="t4", precision="fp16")
 

@@ -4,7 +4,9 @@ notebooks' commands in this process. A file of its own, so that the second pytes
 runs the demo chain."""
 from test_demo import SMALLEST_CASE_MODE, check_run
 
-from helpers import commands, smoke, training
+from helpers import commands
+from helpers.train import training
+from helpers.preflight import smoke
 
 
 def test_the_third_visual_token_mode_trains_and_generates(tmp_path):

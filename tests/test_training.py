@@ -8,9 +8,11 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from helpers import data, modeling, reports, runs, train_data, trainer_config, training
-from helpers.modeling import generation_inputs, image_tokens_per_view, load_for_inference
-from helpers.settings import resolve
+from helpers.core import data, report_format, runs
+from helpers.model import modeling
+from helpers.train import examples, recipe, training
+from helpers.model.modeling import generation_inputs, image_tokens_per_view, load_for_inference
+from helpers.core.settings import resolve
 
 DEMO = resolve("demo")
 
@@ -39,7 +41,7 @@ def two_stage(tiny_model_dir, request):
 
 
 def collate(trainer, studies, max_views=3):
-    dataset = train_data.build_dataset(studies, max_views)
+    dataset = examples.build_dataset(studies, max_views)
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
 
 
@@ -51,7 +53,7 @@ def test_training_rows_decode_views_with_open_image(tmp_path):
     Image.fromarray(ramp).save(path)
     study = data.Study(id="a", split="train", regions=dict.fromkeys(data.ALL_REGIONS, ""), original_report=None,
                        image_paths=[path])
-    views = train_data.build_dataset([study], 3)[0]["images"]
+    views = examples.build_dataset([study], 3)[0]["images"]
     assert len(views) == 1 and np.array_equal(np.asarray(views[0]), np.asarray(data.open_image(path, "a")))
     assert np.array_equal(np.asarray(views[0])[..., 0], np.round(ramp / 257))  # value * 255 / 65535
 
@@ -60,7 +62,7 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
     config, model, processor = two_stage
     stage = config["stages"][0]
     studies = [by_views[1], by_views[2], by_views[3]]
-    dataset = train_data.build_dataset(studies, 3)
+    dataset = examples.build_dataset(studies, 3)
     trainer = training.make_trainer(model, processor, config, stage, tmp_path, dataset, dataset)
     batch = collate(trainer, studies)
     tokenizer = processor.tokenizer
@@ -71,7 +73,7 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
         trained = (labels != -100).nonzero().flatten()
         # the target and </s>, nothing else: prompt, images and padding are all -100
-        assert tokenizer.decode(ids[trained]) == reports.format_report(study.regions) + "</s>"
+        assert tokenizer.decode(ids[trained]) == report_format.format_report(study.regions) + "</s>"
         assert trained.tolist() == list(range(trained[0], trained[-1] + 1))
         assert (labels[ids == image_id] == -100).all()
         assert (labels[mask == 0] == -100).all()
@@ -89,10 +91,10 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
 
 def test_token_budget_is_exact_and_never_truncates(two_stage, train_studies, tmp_path):
     config, model, processor = two_stage
-    counts = train_data.token_counts(train_studies, processor, 3)
+    counts = examples.token_counts(train_studies, processor, 3)
     assert [c["id"] for c in counts] == [s.id for s in train_studies]
     max_length = max(c["total"] for c in counts)
-    dataset = train_data.build_dataset(train_studies, 3)
+    dataset = examples.build_dataset(train_studies, 3)
     exact = training.make_trainer(model, processor, {**config, "max_length": max_length}, config["stages"][0],
                                   tmp_path, dataset, dataset)
     batch = collate(exact, train_studies)
@@ -123,8 +125,8 @@ def test_stage_toggling_counts(two_stage, tiny_model_dir):
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     r = config["lora"]["r"]
     assert config["vision_lora_layers"] == base.config.vision_config.num_hidden_layers - 1  # feature layer -2
-    llm = expected_lora(base, trainer_config.LLM_TARGETS, r)
-    vision = expected_lora(base, trainer_config.vision_targets(config["vision_lora_layers"]), r)
+    llm = expected_lora(base, recipe.LLM_TARGETS, r)
+    vision = expected_lora(base, recipe.vision_targets(config["vision_lora_layers"]), r)
     projector = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
     assert llm > 0 and vision > 0 and projector > 0
     stage1, stage2 = config["stages"]
@@ -154,7 +156,7 @@ def test_vision_lora_stops_at_the_feature_layer():
     assert modeling.vision_layers_used(real) == 23
     assert modeling.vision_layers_used(LlavaNextConfig(vision_config=CLIPVisionConfig(num_hidden_layers=24),
                                                        text_config=MistralConfig(), vision_feature_layer=[-2, 5])) == 23
-    pattern = trainer_config.vision_targets(23)
+    pattern = recipe.vision_targets(23)
     layer = "model.vision_tower.encoder.layers.{}.self_attn.q_proj"  # transformers 5 module paths
     assert re.fullmatch(pattern, layer.format(22)) and re.fullmatch(pattern, layer.format(0))
     assert not re.fullmatch(pattern, layer.format(23)) and not re.fullmatch(pattern, layer.format(2) + "x")
@@ -195,7 +197,7 @@ def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, m
     config = config_for(tiny_model_dir, t4, max_length=512, visual_tokens=mode)
     assert config["load_in_4bit"] and config["precision"] == "fp16"
     model, processor = training.load_training_model(config)
-    dataset = train_data.build_dataset(train_studies[:2], 3)
+    dataset = examples.build_dataset(train_studies[:2], 3)
     previous = None
     for stage in config["stages"]:
         training.set_trainable(model, stage)
@@ -218,12 +220,12 @@ def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, m
 
 
 def test_holdout_is_a_stable_slice_of_train(train_studies, sample_studies):
-    fit, held = train_data.holdout_split(train_studies)
+    fit, held = examples.holdout_split(train_studies)
     assert len(held) == 2 and len(fit) == len(train_studies) - 2
     assert not {s.id for s in fit} & {s.id for s in held}
-    assert {s.id for s in train_data.holdout_split(list(reversed(train_studies)))[1]} == {s.id for s in held}
+    assert {s.id for s in examples.holdout_split(list(reversed(train_studies)))[1]} == {s.id for s in held}
     with pytest.raises(ValueError, match="train split only"):
-        train_data.holdout_split(sample_studies)
+        examples.holdout_split(sample_studies)
 
 
 class Interrupt(Exception):
@@ -413,5 +415,5 @@ def test_runs_that_cannot_fit_are_warned_about_or_refused_before_loading(tmp_pat
     config = make()
     messages = [str(w.message) for w in recwarn if "computed training peak" in str(w.message)]
     assert len(messages) == (outcome == "warned"), messages
-    total = sum(trainer_config.memory_estimate_gib(config, real_shaped_config()).values())
-    assert (total > trainer_config.WARN_ABOVE * gpu_gib) == (outcome == "warned") and total < gpu_gib
+    total = sum(recipe.memory_estimate_gib(config, real_shaped_config()).values())
+    assert (total > recipe.WARN_ABOVE * gpu_gib) == (outcome == "warned") and total < gpu_gib

@@ -9,7 +9,8 @@ import pytest
 from matplotlib.text import Text
 from PIL import Image
 
-from helpers import plots, viewer
+from helpers.evaluate import plots
+from helpers.predict import viewer
 
 TEXT = "Lung: Lungs are clear.\nHeart: Normal."
 ENDS = [5, 11, 15, 22, 29, 36]  # "Lung:", " Lungs", " are", " clear.", "\nHeart:", " Normal."

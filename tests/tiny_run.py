@@ -5,8 +5,9 @@ import json
 
 import torch
 
-from helpers import runs, training
-from helpers.settings import setup
+from helpers.core import runs
+from helpers.train import training
+from helpers.core.settings import setup
 
 
 def make_run(artifacts_root, model_dir, data_dir, name: str = "tiny") -> runs.Run:
