@@ -1,6 +1,7 @@
 # make demo: the four notebooks, headless, on the bundled sample (artifacts/demo/)
 # make test: the test suite (what CI runs), the ten slowest tests last
-# make gpu-check: GPU memory and speed at the real 7B shapes, random weights (artifacts/gpu_check.json)
+# make gpu-check: GPU memory and speed at the real 7B shapes, random weights (artifacts/gpu_check.json);
+#   MODEL_ID=<hub id or folder> checks another model at its real shapes
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -39,7 +40,7 @@ test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 gpu-check: venv
-	$(PY) -m helpers.preflight.gpu_check
+	$(PY) -m helpers.preflight.gpu_check $(if $(MODEL_ID),--model-id $(MODEL_ID))
 
 clean:
 	rm -rf artifacts/demo

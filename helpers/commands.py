@@ -129,10 +129,11 @@ def train(p, settings, artifacts) -> None:
     from .demo import tiny_models
     from .train import examples, training
     from .evaluate import plots
-    from .preflight import smoke
+    from .preflight import cost, smoke
 
     fit, held = examples.training_studies(settings.data_dir, p.MAX_VIEWS, p.HOLDOUT_FRACTION)
-    model_id = tiny_models.llava_id(settings, artifacts, fit + held, p.MODEL_ID)
+    model_id = cost.free_t4_model(p.MODEL_ID, p.FREE_T4, settings)  # FREE_T4: the 0.5B
+    model_id = tiny_models.llava_id(settings, artifacts, fit + held, model_id)
     visual_tokens = p.VISUAL_TOKENS or settings.visual_tokens
     run = artifacts.run(smoke.run_name(p.RUN_NAME or training.default_run_name(model_id, p.PRESET), p.SMOKE))
     processor = modeling.load_processor(model_id, visual_tokens=visual_tokens, token=get_secret("HF_TOKEN"))
@@ -168,7 +169,8 @@ def generate(p, settings, artifacts) -> None:
     from .preflight import smoke
 
     run = artifacts.find_run(smoke.run_name(p.RUN_NAME, p.SMOKE))
-    model, processor, run_config = modeling.load_for_inference(run, p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
+    model, processor, run_config = modeling.load_for_inference(
+        run, p.LOAD_IN_4BIT, small_gpu=settings.for_model_id(run.config["model_id"]).inference_4bit)  # by its size
     max_views = run_config["max_views"]
     max_new_tokens = p.MAX_NEW_TOKENS or generation.default_max_new_tokens(run_config)
     all_splits, references = generation.studies_to_generate(settings.data_dir, artifacts, max_views)
@@ -178,7 +180,7 @@ def generate(p, settings, artifacts) -> None:
                                        max_new_tokens=max_new_tokens, num_beams=p.NUM_BEAMS,
                                        repetition_penalty=p.REPETITION_PENALTY)
     grounding_speed = grounding.generate_ablations(
-        model, processor, splits["test"][:p.GROUNDING_STUDIES], run, max_views=max_views,
+        model, processor, splits["test"][:0 if p.FREE_T4 else p.GROUNDING_STUDIES], run, max_views=max_views,
         batch_size=p.BATCH_SIZE or settings.generate_batch_size, max_new_tokens=max_new_tokens,
         num_beams=p.NUM_BEAMS, repetition_penalty=p.REPETITION_PENALTY)
     if not processes().is_main_process:
@@ -215,7 +217,7 @@ def evaluate(p, settings, artifacts) -> None:
                                 judge_model_id=p.JUDGE_MODEL_ID, judge_4bit=p.JUDGE_4BIT,
                                 judge_batch_size=p.JUDGE_BATCH_SIZE, judge_max_new_tokens=p.JUDGE_MAX_NEW_TOKENS,
                                 judge_engine=p.JUDGE_ENGINE, judge_url=p.JUDGE_URL,
-                                base_model_id=p.BASE_MODEL_ID, max_views=p.MAX_VIEWS)
+                                base_model_id=p.BASE_MODEL_ID, max_views=p.MAX_VIEWS, retrieval=not p.FREE_T4)
     print(plan)
     all_refs = evaluation.references(settings, artifacts, studies)
     refs = smoke.splits(all_refs) if p.SMOKE else all_refs
@@ -244,7 +246,7 @@ def evaluate(p, settings, artifacts) -> None:
     for path in evaluation.write_figures(frame, tables, artifacts, plan.runs):
         print("wrote", path)
     clinical_inputs = ()
-    if p.CLINICAL:
+    if p.CLINICAL and not p.FREE_T4:
         from .metrics.clinical import REXRANK_NOTE
 
         clinical_table, _, leaderboard, clinical_scores, paths = evaluation.clinical_metrics(
@@ -273,7 +275,9 @@ def predict(p, settings, artifacts) -> None:
     from .predict.inference import Predictor, check_views, in_words
 
     check_views(p.images)  # before the model loads
-    predictor = Predictor.load(artifacts.find_run(p.RUN_NAME), p.LOAD_IN_4BIT, small_gpu=settings.inference_4bit)
+    run = artifacts.find_run(p.RUN_NAME)
+    small_gpu = settings.for_model_id(run.config["model_id"]).inference_4bit  # 4-bit by the model's size
+    predictor = Predictor.load(run, p.LOAD_IN_4BIT, small_gpu=small_gpu)
     print(in_words(predictor(p.images, p.OUT_DIR)))
 
 

@@ -17,9 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # make test's two workers take whole files in collection order (--dist loadfile --no-loadscope-reorder): the files
 # over 10 s first, longest first (measured: docs/testing.md), so that the short ones fill in at the end and both
 # workers finish together
-LONGEST_FIRST = ("test_demo.py", "test_commands.py", "test_green.py", "test_gpu_check.py", "test_judge_engines.py",
-                 "test_continuous_engine.py", "test_profile_emulation.py", "test_training.py", "test_outside_colab.py",
-                 "test_metrics.py", "test_run_notebooks.py", "test_preference.py", "test_clinical.py", "test_predict.py")
+LONGEST_FIRST = ("test_demo.py", "test_commands.py", "test_families.py", "test_green.py", "test_gpu_check.py",
+                 "test_profile_emulation.py", "test_judge_engines.py", "test_continuous_engine.py", "test_training.py",
+                 "test_outside_colab.py", "test_metrics.py", "test_run_notebooks.py", "test_preference.py",
+                 "test_clinical.py", "test_predict.py")
 
 
 def pytest_collection_modifyitems(items):

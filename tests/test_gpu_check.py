@@ -5,7 +5,12 @@ import json
 import pytest
 import torch
 
+from safetensors import safe_open
+
 from helpers.core import settings
+from helpers.core.errors import MissingError
+from helpers.demo import tiny_models
+from helpers.model import modeling
 from helpers.preflight import gpu_check, gpu_judge, gpu_plan
 
 
@@ -103,6 +108,58 @@ def test_quick_parts_add_up_and_a_failure_does_not_stop_the_run(tmp_path, monkey
                                           "8.00 GiB"]
 
 
+@pytest.fixture(scope="module")
+def llava_qwen_dir(tmp_path_factory, sample_studies):
+    """A non-default family's tiny replica (a LLaVA with a Qwen2 LLM and a SigLIP tower), in a folder of its own."""
+    return tiny_models.build_random_llava_qwen(tmp_path_factory.mktemp("outside") / "llava-qwen",
+                                               tiny_models.tokenizer_corpus(sample_studies))
+
+
+def test_dry_run_checks_another_model_id(tmp_path, llava_qwen_dir):
+    """--model-id of another family, --quick, training then generation: a random model of its config and its own
+    processor, trained and generated through the project's loaders, in the family's only visual-token mode."""
+    out, workdir = tmp_path / "gpu_check.json", str(tmp_path / "work")
+    for part in ("train", "generate"):
+        assert gpu_check.main(["--dry-run", "--quick", "--part", part, "--model-id", str(llava_qwen_dir), "--out",
+                               str(out), "--workdir", workdir]) == 0
+    result = json.loads(out.read_text())
+    assert result["model_id"] == str(llava_qwen_dir) and gpu_plan.problems(result) == []
+    side = tiny_models.TINY_IMAGE_SIZE // 14  # SigLIP's whole view squashed to its tile: side² tokens, no CLS
+    assert [(r["visual_tokens"], r["views_per_study"], r["image_tokens_per_study"]) for r in result["train"]] == [
+        ("base", 1, side * side), ("base", 3, 3 * side * side)]
+    assert [(r["load_in_4bit"], r["batch_size"]) for r in result["generate"]] == [(True, 2), (False, 2)]
+    built = json.loads((tmp_path / "work" / "llava-qwen" / "model" / tiny_models.BUILT_NOTE).read_text())
+    assert built["class"] == "LlavaForConditionalGeneration"  # the replica's architecture, new random weights
+
+
+def test_another_model_is_planned_from_its_parameters_and_tokens_per_view(llava_qwen_dir, monkeypatch):
+    """checkpoint_model's weights against the replica's saved tensors (16-bit; 4-bit: nf4 for the LLM's decoder
+    layers), its KV shapes from the config, a view's tokens as its processor counts them; plan's estimates from them,
+    and the skip rule on a GPU too small for them."""
+    model = gpu_plan.checkpoint_model(str(llava_qwen_dir), "base")
+    with safe_open(llava_qwen_dir / "model.safetensors", "pt") as saved:
+        sizes = {k: saved.get_slice(k).get_shape() for k in saved.keys()}
+    count = lambda keep: sum(torch.Size(shape).numel() for k, shape in sizes.items() if keep(k))
+    # the decoder layers under the name the checkpoint saves them (LLaVA's hub layout), model.language_model.layers
+    total, decoder = count(lambda k: True), count(lambda k: k.startswith("language_model.model.layers."))
+    assert model["weights_gib"][False] == pytest.approx(2 * total / 2**30)
+    assert model["weights_gib"][True] == pytest.approx((decoder * gpu_plan.NF4_BYTES + (total - decoder) * 2) / 2**30)
+    text = json.loads((llava_qwen_dir / "config.json").read_text())["text_config"]
+    assert {k: model["text"][k] for k in ("num_hidden_layers", "num_key_value_heads")} == {
+        k: text[k] for k in ("num_hidden_layers", "num_key_value_heads")}
+    assert model["modes"] == ("base",) and model["tokens_per_view"] == (tiny_models.TINY_IMAGE_SIZE // 14) ** 2
+    monkeypatch.setattr(settings, "gpu", lambda: ("Tesla T4", 14.7, (7, 5)))
+    t4 = settings.resolve()
+    tokens = 2 * model["tokens_per_view"] + gpu_plan.PROMPT_TEXT_TOKENS + gpu_plan.REAL["max_new_tokens"]
+    for memory in (14.7, 1.9):  # a T4; a GPU without room for the headroom
+        for fields, why in gpu_plan.plan(gpu_plan.REAL, t4, memory, model)["generate"]:
+            weights = model["weights_gib"][fields["load_in_4bit"]]
+            expected = weights + gpu_plan.kv_cache_gib(model["text"], fields["batch_size"], tokens)
+            assert fields["estimate_gib"] == round(expected, 2) and (why is None) == (memory == 14.7), (fields, why)
+    with pytest.raises(MissingError, match="someone/uncached: no config.json .* hf download ID --exclude"):
+        gpu_plan.checkpoint_model("someone/uncached", "base")  # offline (conftest): only the cache is read
+
+
 def test_problems_names_failures_and_missing_fields_but_not_skipped_records():
     result = {"dry_run": False,
               "train": [{"visual_tokens": "tile", "views_per_study": 1, "image_tokens_per_study": 576,
@@ -150,7 +207,8 @@ def test_fit_decisions(name, monkeypatch):
     monkeypatch.setattr(settings, "gpu", lambda: (name, memory, capability))
     on_this_gpu = settings.resolve()
     for sizes in (gpu_plan.REAL, gpu_plan.quick(gpu_plan.REAL, on_this_gpu)):
-        planned = gpu_plan.plan(sizes, on_this_gpu, memory)
+        planned = gpu_plan.plan(sizes, on_this_gpu, memory, gpu_plan.model_checked(modeling.DEFAULT_MODEL_ID,
+                                                                                   on_this_gpu.visual_tokens))
         assert [fields for fields, _ in planned["train"]] == [
             {"visual_tokens": m, "views_per_study": v} for m in sizes["visual_token_modes"]
             for v in sizes["train_views"]]  # training (QLoRA, batch 1) is measured everywhere

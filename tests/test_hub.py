@@ -48,6 +48,9 @@ def test_model_card_has_the_hub_metadata_the_warning_and_the_loading_code(run):
     folder = hub.prepare(run, runs.Artifacts(run.artifacts_dir), "someone/xray-rrg-tiny")
     card = ModelCard.load(folder / "README.md")
     assert card.data.base_model == run.config["model_id"] and card.data.library_name == "peft"
+    # the base model named with its family and size, as make_config recorded them
+    assert (f"`{run.config['model_id']}` (family `llava_next`, {report.size_in_words(run.config['parameters'])})"
+            in card.text)
     assert card.data.pipeline_tag == "image-text-to-text" and card.data.datasets and "radiology" in card.data.tags
     assert "Research use only, not for clinical decisions." in card.text
     assert 'snapshot_download("someone/xray-rrg-tiny")' in card.text and "PeftModel.from_pretrained" in card.text

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers.core import data, lm, runs
-from helpers.model import modeling
+from helpers.model import families, modeling
 from helpers.demo import tiny_models
 
 
@@ -80,18 +80,19 @@ def test_real_geometry_runs_a_three_view_forward_pass(real_geometry_dir, sample_
 def test_processor_that_disagrees_with_the_model_is_refused(tiny_model_dir):
     from transformers import AutoConfig, AutoProcessor
 
-    config = modeling.model_config(AutoConfig.from_pretrained(tiny_model_dir), "tile")
+    checkpoint = AutoConfig.from_pretrained(tiny_model_dir)
+    config = modeling.model_config(checkpoint, "tile")
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     processor.patch_size = 16
     with pytest.raises(ValueError, match="patch_size=16 but the model's config says 14"):
-        modeling.fit_processor(processor, config)
+        modeling.fit_processor(processor, config, families.family_of(checkpoint))
 
 
 def test_bnb_config_is_nf4_double_quant_and_skips_by_full_path():
     config = lm.bnb_4bit_config(torch.float16)
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.float16
-    assert config.llm_int8_skip_modules == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    assert config.llm_int8_skip_modules == ["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"]
 
 
 def test_training_template_renders_one_bos_for_generation(tiny_model_dir, sample_studies):

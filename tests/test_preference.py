@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from trl.trainer.utils import use_adapter
 
 from helpers.core import data, runs, storage
-from helpers.model import modeling
+from helpers.model import families, modeling
 from helpers.judge import judge
 from helpers.train import preference, preference_stage, recipe, training
 from helpers.core.settings import resolve
@@ -230,7 +230,7 @@ def test_the_stage_starts_from_stage_2_with_stage_2_as_its_frozen_reference(tiny
     adapter, final = load_peft_weights(str(run.adapter_dir)), load_peft_weights(str(stage3))
     assert adapter.keys() == final.keys() and all(torch.equal(adapter[k], final[k]) for k in adapter)
     assert not (run.adapter_dir / "ref").exists() and list(json.loads(
-        (run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]) == [recipe.PROJECTOR]
+        (run.adapter_dir / "adapter_config.json").read_text())["modules_to_save"]) == [families.FAMILIES[0].projector]
     pairs = preference.read_pairs(run.preferences_path)
     assert {p["id"] for p in pairs} <= {s.id for s in fit + held}
     assert all(set(p) == {"id", "held_out", "chosen", "rejected", "chosen_reward", "rejected_reward",

@@ -2,6 +2,10 @@
 SFT stage, then the preference stage: candidates, the GREEN judge's rewards, DPO) with each stage's held-out check,
 generation, attention on one study, the GREEN judge on a few pairs.
 
+Every other family's replica (tests/test_families.py's) runs each profile's numerics on a shorter path, one optimizer
+step with its held-out check, then notebook 03's load and one generation (`test_profile_numerics_on_each_family`): the
+chain's judge and preference stage are the family-free parts, run once above on LLaVA-NeXT's replica.
+
 `pytest -k profile_emulation` selects these. The GPU is emulated by its settings (`settings.gpu` reports the
 profile's GPU), so every choice the code makes from it is the one it makes on that GPU: 4-bit or 16-bit, the
 precision, batch sizes, the judge's precision. What the CPU cannot do as CUDA does is said per profile.
@@ -18,7 +22,13 @@ from helpers.model import attention, generation, modeling
 from helpers.judge import judge
 from helpers.train import examples, preference, preference_stage, training
 from helpers.core.settings import torch_dtype
+from helpers.demo import tiny_models
 
+from test_families import REPLICAS
+
+# The replica stands in for llava-v1.6-mistral-7b (parameters counted from its config, helpers/preflight/cost.py), so
+# the settings are sized for it: make_config would otherwise size them for the replica's few parameters
+DEFAULT_PARAMETERS = 7_566_747_648
 # (name, GiB as torch reports it, compute capability) of a GPU each profile is picked for
 PROFILE_GPUS = {"t4": ("Tesla T4", 14.7, (7, 5)), "l4": ("NVIDIA L4", 22.2, (8, 9)),
                 "a100": ("NVIDIA A100-SXM4-40GB", 39.4, (8, 0))}
@@ -75,6 +85,25 @@ def emulated_judge(emulated, judge_dir, cache, max_new_tokens):
                        max_new_tokens=max_new_tokens)
 
 
+def generated_as_notebook_03(emulated, run, studies):
+    """Notebook 03 on `studies`: the run loaded as the settings load it (4-bit or not, the training precision's
+    weights), reports through the batch runner. Returns (model, processor, the records by study id)."""
+    config = run.config
+    model, processor, _ = modeling.load_for_inference(run, small_gpu=emulated.inference_4bit)
+    four_bit = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    assert four_bit == EXPECTED[emulated.profile]["load_in_4bit"]
+    assert model.get_input_embeddings().weight.dtype == torch_dtype(config["precision"])
+    out = run.predictions("test")
+    speed = generation.generate_split(model, processor, studies, out, max_views=config["max_views"],
+                                      batch_size=emulated.generate_batch_size, max_new_tokens=8)
+    assert speed["generated_now"] == len(studies) and speed["batch_size"] == emulated.generate_batch_size
+    records = generation.load_predictions(out, studies)
+    assert set(records) == {s.id for s in studies}
+    # a token probability that overflowed to NaN (fp16's risk) fails this too
+    assert all(c is None or 0 <= c <= 1 for r in records.values() for c in r["confidence"].values())
+    return model, processor, records
+
+
 def test_profile_emulation_chain(emulated, tiny_model_dir, green_judge_dir, sample_studies, tmp_path, monkeypatch):
     profile = emulated.profile
     print(f"{profile}: {CPU_STANDS_IN[profile]}")
@@ -91,7 +120,7 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, green_judge_dir, samp
     # target_tokens_max: generation runs up to 1.5x this many tokens (the random model never stops); min_gap 0: any
     # two distinct candidates of the barely trained model pair
     config = training.make_config(emulated, model_id=str(tiny_model_dir), max_length=1024, stages=stages,
-                                  save_steps=2, target_tokens_max=6, grad_accum=1,
+                                  save_steps=2, target_tokens_max=6, grad_accum=1, parameters=DEFAULT_PARAMETERS,
                                   preference={**preference.preference_settings(judge=green.label), "min_gap": 0.0})
     assert config["batch_size"] == emulated.batch_size and config["precision"] == EXPECTED[profile]["precision"]
     generate_calls, sample_calls, arguments = [], [], StageArguments()
@@ -118,19 +147,8 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, green_judge_dir, samp
     assert all(c["autocast"] == autocast and c["autocast_dtype"] == torch_dtype(config["precision"])
                for c in generate_calls + sample_calls)
 
-    # notebook 03: the run loaded as the settings load it, reports through the batch runner
-    model, processor, _ = modeling.load_for_inference(run, small_gpu=emulated.inference_4bit)
-    four_bit = any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    assert four_bit == EXPECTED[profile]["load_in_4bit"]
-    assert model.get_input_embeddings().weight.dtype == torch_dtype(config["precision"])
     test = data.by_split(sample_studies, "test")
-    out = run.predictions("test")
-    speed = generation.generate_split(model, processor, test, out, max_views=config["max_views"],
-                                      batch_size=emulated.generate_batch_size, max_new_tokens=8)
-    assert speed["generated_now"] == len(test) and speed["batch_size"] == emulated.generate_batch_size
-    records = generation.load_predictions(out, test)
-    assert set(records) == {s.id for s in test}
-
+    model, processor, records = generated_as_notebook_03(emulated, run, test)
     analysis = attention.analyze_study(model, processor, test[0], max_views=config["max_views"], max_new_tokens=6)
     assert analysis["attention"].shape[0] == len(analysis["ids"]) > 0
     del model
@@ -145,3 +163,30 @@ def test_profile_emulation_chain(emulated, tiny_model_dir, green_judge_dir, samp
     assert green.model.get_input_embeddings().weight.dtype == torch.float16
     assert any(type(m).__name__ == "Linear4bit" for m in green.model.modules()) == emulated.judge_4bit
     assert json.loads((tmp_path / "green_cache.jsonl").read_text().splitlines()[0])["judge"] == green.label
+
+
+@pytest.fixture(scope="module", params=sorted(REPLICAS))
+def replica(request, tmp_path_factory, sample_studies):
+    """(family, folder): a family's tiny replica (tests/test_families.py's), built once for every profile."""
+    return request.param, REPLICAS[request.param].build(tmp_path_factory.mktemp("replica") / request.param,
+                                                         tiny_models.tokenizer_corpus(sample_studies))
+
+
+def test_profile_numerics_on_each_family(emulated, replica, sample_studies, tmp_path):
+    """Each profile's 4-bit choice and precision (sized for a 7B, as the chain, so that every family meets nf4 with
+    fp16 and with bf16 compute, and bf16 16-bit) on the family's replica: one optimizer step of the qlora preset,
+    its held-out check (generation under the training autocast), then notebook 03's load and one study generated.
+    Losses and token probabilities finite."""
+    name, folder = replica
+    fit, held = examples.holdout_split(data.by_split(sample_studies, "train"))
+    config = training.make_config(emulated, model_id=str(folder), max_length=1024, preset="qlora", epochs=1,
+                                  grad_accum=1, logging_steps=1, target_tokens_max=6,
+                                  parameters=DEFAULT_PARAMETERS)
+    assert (config["precision"], config["load_in_4bit"]) == (EXPECTED[emulated.profile]["precision"],
+                                                             EXPECTED[emulated.profile]["load_in_4bit"])
+    run = runs.Artifacts(tmp_path).run(f"{name}-{emulated.profile}")
+    metrics = training.train(run, config, fit[:config["batch_size"]], held[:1])
+    stage = metrics["stages"][0]
+    assert stage["global_step"] == 1 and "error" not in stage["holdout_nlg"], stage
+    assert stage["loss"] and all(torch.isfinite(torch.tensor(loss)) for _, loss in stage["loss"]), stage["loss"]
+    generated_as_notebook_03(emulated, run, data.by_split(sample_studies, "test")[:1])

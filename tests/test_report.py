@@ -116,6 +116,9 @@ def test_the_other_sections_read_their_files(artifacts):
     config = artifacts.run("run-a").config
     assert f"| effective batch | {config['batch_size'] * config['grad_accum']} ({config['batch_size']} x " in method
     assert f"| LoRA r / alpha / dropout | {config['lora']['r']} / {config['lora']['alpha']} / " in method
+    # the model, its family (config.model_type) and size (counted on the meta device), as make_config recorded them
+    assert (f"| model | {config['model_id']} |\n| family | llava_next |\n"
+            f"| size | {config['parameters'] / 1e6:.2f} M parameters |") in method
     assert "| 1: frozen_vision | 2 | 0.0002 | 40 | 1.50 | 11.5000 | checkpoint-30 | 1.2340 |" in method
     assert "| 2: vision_lora | 1 | 0.0001 | 20 | 0.50 | 12.2500 | last | 1.1000 |" in method
     assert re.search(r"transformers \d+\.\d+", text) and report.DEMO_NOTE not in text

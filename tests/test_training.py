@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from helpers.core import data, report_format, runs
-from helpers.model import modeling
+from helpers.model import families, modeling
 from helpers.train import examples, recipe, training
 from helpers.model.modeling import generation_inputs, image_tokens_per_view, load_for_inference
 from helpers.core.settings import resolve
@@ -41,11 +41,11 @@ def two_stage(tiny_model_dir, request):
 
 
 def collate(trainer, studies, max_views=3):
-    dataset = examples.build_dataset(studies, max_views)
+    dataset = examples.build_dataset(studies, max_views, trainer.processing_class)
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
 
 
-def test_training_rows_decode_views_with_open_image(tmp_path):
+def test_training_rows_decode_views_with_open_image(tmp_path, model_and_processor):
     """A 16-bit PNG is scaled by its bit depth in training as in generation (PIL's convert would clip it)."""
     path = tmp_path / "images" / "a" / "0.png"
     path.parent.mkdir(parents=True)
@@ -53,7 +53,7 @@ def test_training_rows_decode_views_with_open_image(tmp_path):
     Image.fromarray(ramp).save(path)
     study = data.Study(id="a", split="train", regions=dict.fromkeys(data.ALL_REGIONS, ""), original_report=None,
                        image_paths=[path])
-    views = examples.build_dataset([study], 3)[0]["images"]
+    views = examples.build_dataset([study], 3, model_and_processor[1])[0]["images"]
     assert len(views) == 1 and np.array_equal(np.asarray(views[0]), np.asarray(data.open_image(path, "a")))
     assert np.array_equal(np.asarray(views[0])[..., 0], np.round(ramp / 257))  # value * 255 / 65535
 
@@ -62,7 +62,7 @@ def test_labels_cover_exactly_the_target_and_eos_with_one_bos(two_stage, by_view
     config, model, processor = two_stage
     stage = config["stages"][0]
     studies = [by_views[1], by_views[2], by_views[3]]
-    dataset = examples.build_dataset(studies, 3)
+    dataset = examples.build_dataset(studies, 3, processor)
     trainer = training.make_trainer(model, processor, config, stage, tmp_path, dataset, dataset)
     batch = collate(trainer, studies)
     tokenizer = processor.tokenizer
@@ -94,7 +94,7 @@ def test_token_budget_is_exact_and_never_truncates(two_stage, train_studies, tmp
     counts = examples.token_counts(train_studies, processor, 3)
     assert [c["id"] for c in counts] == [s.id for s in train_studies]
     max_length = max(c["total"] for c in counts)
-    dataset = examples.build_dataset(train_studies, 3)
+    dataset = examples.build_dataset(train_studies, 3, processor)
     exact = training.make_trainer(model, processor, {**config, "max_length": max_length}, config["stages"][0],
                                   tmp_path, dataset, dataset)
     batch = collate(exact, train_studies)
@@ -125,8 +125,9 @@ def test_stage_toggling_counts(two_stage, tiny_model_dir):
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     r = config["lora"]["r"]
     assert config["vision_lora_layers"] == base.config.vision_config.num_hidden_layers - 1  # feature layer -2
-    llm = expected_lora(base, recipe.LLM_TARGETS, r)
-    vision = expected_lora(base, recipe.vision_targets(config["vision_lora_layers"]), r)
+    llm = expected_lora(base, families.LLM_TARGETS, r)
+    family = modeling.checkpoint_family(tiny_model_dir)
+    vision = expected_lora(base, family.vision_targets(config["vision_lora_layers"]), r)
     projector = sum(p.numel() for p in base.model.multi_modal_projector.parameters())
     assert llm > 0 and vision > 0 and projector > 0
     stage1, stage2 = config["stages"]
@@ -156,7 +157,7 @@ def test_vision_lora_stops_at_the_feature_layer():
     assert modeling.vision_layers_used(real) == 23
     assert modeling.vision_layers_used(LlavaNextConfig(vision_config=CLIPVisionConfig(num_hidden_layers=24),
                                                        text_config=MistralConfig(), vision_feature_layer=[-2, 5])) == 23
-    pattern = recipe.vision_targets(23)
+    pattern = families.family_of(real).vision_targets(23)
     layer = "model.vision_tower.encoder.layers.{}.self_attn.q_proj"  # transformers 5 module paths
     assert re.fullmatch(pattern, layer.format(22)) and re.fullmatch(pattern, layer.format(0))
     assert not re.fullmatch(pattern, layer.format(23)) and not re.fullmatch(pattern, layer.format(2) + "x")
@@ -197,7 +198,7 @@ def test_fp32_adapters_on_t4_settings(tiny_model_dir, train_studies, tmp_path, m
     config = config_for(tiny_model_dir, t4, max_length=512, visual_tokens=mode)
     assert config["load_in_4bit"] and config["precision"] == "fp16"
     model, processor = training.load_training_model(config)
-    dataset = examples.build_dataset(train_studies[:2], 3)
+    dataset = examples.build_dataset(train_studies[:2], 3, processor)
     previous = None
     for stage in config["stages"]:
         training.set_trainable(model, stage)

@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from .settings import default_dtype, processes
 
 # Vision tower, projector and lm_head stay in 16 bits under 4-bit. transformers 5 matches `llm_int8_skip_modules`
-# against the start of the module path, so bare names ("vision_tower") are ignored.
-SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+# against the start of the module path, so bare names ("vision_tower") are ignored. Qwen2.5-VL's tower and projector
+# sit under "model.visual" (a 4-bit projector could not be trained in full: PEFT fails on its integer weights).
+SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "model.visual", "lm_head"]
 # Greedy decoding over whatever sampling the checkpoint's generation_config.json sets: what GREEN passes to generate(),
 # and the GREEN judge's continuous engine too (judge_engines)
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None}

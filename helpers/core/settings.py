@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +27,11 @@ SMALL_GPU_GIB = 24  # below this a 7B model in 16 bits (~14 GiB of weights) leav
 JUDGE_4BIT_BELOW_GIB = 20
 GREEN_TOKEN_BUDGET = 2048  # GREEN truncates prompts to 2,048 tokens and lets answers run to that total
 TRITON_MIN_CAPABILITY = (8, 0)  # Triton's officially supported floor (T4 and V100 are below it)
+# A model loads in 4-bit where its 16-bit weights (2 bytes a parameter) would take more than this share of the GPU's
+# memory: training leaves room for LoRA's Adam state and a long multimodal sequence's activations, inference for a
+# batch's KV cache. llava-v1.6-mistral-7b (7.57 B parameters, 14.1 GiB) comes out as the profiles were set for it:
+# QLoRA below 35.3 GiB, 4-bit inference below 24.3 GiB; a 0.9 B model (llava-interleave-qwen-0.5b) is 16-bit on a T4.
+TRAIN_16BIT_SHARE, INFERENCE_16BIT_SHARE = 0.4, 0.58
 
 # What each profile trains and runs with. Precision is not a profile setting: it follows the GPU (`precision_for`).
 # visual_tokens "base" everywhere: for a near-square X-ray, "tile" adds a second copy of the same 336 px image and
@@ -93,10 +98,10 @@ class Settings:
     gpu_memory_gb: float | None
     precision: str  # "fp16" | "bf16" | "fp32": mixed precision of training, dtype of every 16-bit model
     offline: bool  # demo: tiny random models built here, no API calls, no downloads
-    inference_4bit: bool  # the retrieval model and the hf splitter load in 4-bit
+    inference_4bit: bool  # the default 7B, the retrieval model and the hf splitter load in 4-bit (`for_model`: by size)
     judge_precision: str  # dtype of the GREEN judge: GREEN's own fp16 on every GPU (fp32 on the CPU)
     judge_4bit: bool  # the GREEN judge in 4-bit nf4 (fp16 compute): only where fp16 weights cannot fit
-    load_in_4bit: bool  # training: QLoRA (4-bit base model) or 16-bit LoRA
+    load_in_4bit: bool  # training the default 7B: QLoRA (4-bit base model) or 16-bit LoRA (`for_model`: by size)
     batch_size: int
     grad_accum: int
     epochs: int
@@ -113,8 +118,50 @@ class Settings:
     def dtype(self):
         return torch_dtype(self.precision)
 
+    def for_model(self, parameters: int) -> "Settings":
+        """These settings for a model of this many parameters: 4-bit for training and inference by its 16-bit weights
+        against this GPU's memory (`needs_4bit`); no GPU: unchanged. The batch size follows in
+        `training.make_config`, which has the model's shapes (`batch_that_fits`)."""
+        if self.gpu_memory_gb is None or self.offline:
+            return self
+        return replace(self, load_in_4bit=needs_4bit(parameters, self.gpu_memory_gb, TRAIN_16BIT_SHARE),
+                       inference_4bit=needs_4bit(parameters, self.gpu_memory_gb, INFERENCE_16BIT_SHARE))
+
+    def for_model_id(self, model_id) -> "Settings":
+        """`for_model` of a checkpoint (a hub id or a folder), sized from its config alone; no GPU: unchanged."""
+        if self.gpu_memory_gb is None or self.offline:
+            return self
+        from transformers import AutoConfig
+
+        return self.for_model(parameter_count(AutoConfig.from_pretrained(model_id, token=get_secret("HF_TOKEN"))))
+
     def __str__(self) -> str:
         return "\n".join(f"{k:>21}: {v}" for k, v in asdict(self).items())
+
+
+def needs_4bit(parameters: int, gpu_memory_gb: float, share: float) -> bool:
+    """Whether a model's 16-bit weights take more than `share` of the GPU's memory (GiB)."""
+    return 2 * parameters / 2**30 > share * gpu_memory_gb
+
+
+def parameter_count(model_config, module: str = "") -> int:
+    """A model's parameters (or one module's, e.g. "model.vision_tower"), counted from its config alone: the model
+    built on the meta device (no weights, no memory), through the class the project loads it with."""
+    from transformers import AutoModelForImageTextToText  # the library only where a model is sized
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(model_config)
+    return sum(p.numel() for p in model.get_submodule(module).parameters())
+
+
+def batch_that_fits(effective_batch: int, peak_gib, gpu_memory_gb: float, share: float) -> tuple[int, int]:
+    """(batch, accumulation) keeping the effective batch: the largest batch that divides it and whose computed peak
+    `peak_gib(batch)` (GiB) stays within `share` of the GPU's memory; batch 1 when none does (the memory check
+    then says why it cannot fit)."""
+    for batch in range(effective_batch, 0, -1):
+        if effective_batch % batch == 0 and peak_gib(batch) <= share * gpu_memory_gb:
+            return batch, effective_batch // batch
+    return 1, effective_batch
 
 
 def resolve(profile: str | None = None, data_dir=None, artifacts_dir=None) -> Settings:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlavaNextConfig,
-                          LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor,
-                          MistralConfig, PreTrainedTokenizerFast)
+from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor, MistralConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, SiglipImageProcessorPil, SiglipVisionConfig)
 from trl.chat_template_utils import llava_next_chat_template  # the template llava-v1.6-mistral-7b-hf ships
 
 from ..judge.judge import CHAT_TEMPLATE, DEFAULT_JUDGE, GREEN_MAX_LENGTH, chat_text, green_scorer
@@ -65,25 +66,55 @@ def tokenizer_corpus(studies) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A small BPE tokenizer in the Llama/Mistral style (metaspace, <s> prepended), trained on `texts`."""
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+MISTRAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, names: dict = MISTRAL_TOKENS, extra: dict | None = None,
+                    specials: tuple = ()) -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer in the Llama/Mistral style (metaspace, BOS prepended), trained on `texts`: its special
+    tokens `names` (unk, bos, eos, pad), `extra` named ones ({"image_token": "<image>"} unless given) and `specials`."""
+    extra = {"image_token": "<image>", **(extra or {})}
+    tokenizer = Tokenizer(models.BPE(unk_token=names["unk_token"], fuse_unk=True, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFKC()
     # "\n" is its own token, as in Mistral's vocabulary, so no token spans two report sections
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
                                                        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()[]{}/-_*#%&+=<>|\n▁")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False,
+                                  special_tokens=list(dict.fromkeys([*names.values(), *extra.values(), *specials])))
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    bos = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                             special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+    bos = names["bos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                             special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names, extra_special_tokens=extra,
                                    model_max_length=1_000_000)
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+# ChatML of the llava-interleave kind: each view's <image> first, abutting, then the text; the generation prompt is
+# exactly the start of an assistant turn. The exact text of llava-interleave-qwen-0.5b-hf's template could not be
+# checked offline.
+CHATML_INTERLEAVE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% if message['content'] | selectattr('type', 'equalto', 'image') | list %}{{ '\\n' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def train_byte_level_tokenizer(texts: list[str], vocab_size: int, extra: dict | None = None) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE in Qwen's style (every byte a token, "Ġ" for a space, no BOS) with Qwen's specials
+    and `extra` ones (name: token, e.g. {"video_token": "<video>"}), trained on `texts`."""
+    extra = {"image_token": "<image>", **(extra or {})}
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(dict.fromkeys([*QWEN_SPECIALS, *extra.values()])),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens=extra, model_max_length=1_000_000)
 
 
 def save_once(out_dir: str | Path, build, seed: int, device: str, note: str = RANDOM_NOTE) -> Path:
@@ -127,20 +158,23 @@ def judge_id(settings, artifacts, studies, model_id: str | None = None) -> str:
 
 def build_random_llava(out_dir: str | Path, texts: list[str], *, image_size: int = TINY_IMAGE_SIZE,
                        widths: dict = TINY_LLAVA, vocab_size: int = 640, seed: int = 0, device: str = "cpu",
-                       dtype=torch.float32) -> Path:
+                       dtype=torch.float32, text_config=MistralConfig, tokens: dict = MISTRAL_TOKENS,
+                       specials: tuple = (), chat_template: str = llava_next_chat_template) -> Path:
     """A random-weight LLaVA-NeXT with the real architecture and chat template, loadable like a hub id.
 
     Its grid is the hub checkpoint's five pinpoints scaled to `image_size` (336: the real geometry). Like the hub's,
     the saved processor leaves patch size, feature strategy and extra tokens to `modeling.fit_processor`. The
-    tokenizer has `vocab_size` tokens; `widths["text"]` may give the model a larger vocabulary (the 7B's).
+    tokenizer has `vocab_size` tokens; `widths["text"]` may give the model a larger vocabulary (the 7B's). The
+    defaults are llava-v1.6-mistral-7b's LLM, tokens and template; another v1.6 checkpoint's (a Llama LLM, its
+    special `tokens` and `specials`, its `chat_template`): tiny_vlms.build_random_llava_next.
     """
     def build():
-        tokenizer = train_tokenizer(texts, vocab_size)
+        tokenizer = train_tokenizer(texts, vocab_size, tokens, specials=specials)
         pinpoints = [[h * image_size // 336, w * image_size // 336] for h, w in HUB_PINPOINTS]
         vision = CLIPVisionConfig(**widths["vision"], image_size=image_size, patch_size=14)
-        text = MistralConfig(**{"vocab_size": len(tokenizer), **widths["text"]}, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             sliding_window=None)
+        text = text_config(**{"vocab_size": len(tokenizer), **widths["text"]}, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           **({"sliding_window": None} if text_config is MistralConfig else {}))
         config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
                                  image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -152,7 +186,32 @@ def build_random_llava(out_dir: str | Path, texts: list[str], *, image_size: int
             image_grid_pinpoints=pinpoints, image_mean=[0.48145466, 0.4578275, 0.40821073],
             image_std=[0.26862954, 0.26130258, 0.27577711])
         return model, LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=llava_next_chat_template)
+                                         chat_template=chat_template)
+
+    return save_once(out_dir, build, seed, device)
+
+
+def build_random_llava_qwen(out_dir: str | Path, texts: list[str], *, image_size: int = TINY_IMAGE_SIZE,
+                            widths: dict = TINY_LLAVA, vocab_size: int = 640, seed: int = 0, device: str = "cpu",
+                            dtype=torch.float32) -> Path:
+    """A random-weight LLaVA with a Qwen2 LLM inside, laid out like llava-hf/llava-interleave-qwen-0.5b-hf (a SigLIP
+    tower at `image_size`, its last layer's patches, no CLS: (image_size / 14)² tokens a view; Qwen's ChatML), with
+    the real classes, loadable like a hub id. The saved processor leaves patch size and feature strategy to
+    `modeling.fit_processor`, as `build_random_llava`'s does."""
+    def build():
+        tokenizer = train_byte_level_tokenizer(texts, vocab_size)
+        vision = SiglipVisionConfig(**{k: v for k, v in widths["vision"].items() if k != "projection_dim"},
+                                    image_size=image_size, patch_size=14)
+        text = Qwen2Config(**{"vocab_size": len(tokenizer), **widths["text"]}, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        config = LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act="gelu",
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                             vision_feature_select_strategy="full", image_seq_length=(image_size // 14) ** 2)
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+        return model, LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=CHATML_INTERLEAVE)
 
     return save_once(out_dir, build, seed, device)
 

@@ -42,7 +42,10 @@ def image_embeddings(model, processor, studies, max_views: int, batch_size: int 
         # the "base" visual-token processor: one tile per view, the whole image squashed to the tile size
         pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            pooled = tower(pixel_values=pixels.to(tower.device, dtype)).pooler_output
+            out = tower(pixel_values=pixels.to(tower.device, dtype))
+            # CLIP pools its class token; a SigLIP tower without its head (LLaVA-interleave, OneVision) pools
+            # nothing: the mean of its patches stands in
+            pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(dim=1)
         unit = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
         return [{"view": k, "features": f} for k, f in zip(batch, unit)]
 

@@ -35,6 +35,7 @@ class Plan:
     judge_url: str | None  # the server's, for "server"; None: started here (vLLM on a GPU)
     base_model_id: str  # retrieval embeddings
     retrieval_4bit: bool
+    retrieval: bool  # False: the template baseline alone (FREE_T4, the free-T4 plan)
     max_views: int
 
     def __str__(self) -> str:
@@ -43,11 +44,12 @@ class Plan:
 
 def make_plan(settings, artifacts, studies, *, run_names=None, reference_run=None, judge_model_id=None, judge_4bit=None,
          judge_batch_size=None, judge_max_new_tokens=None, judge_engine=None, judge_url=None, base_model_id=None,
-         max_views=None) -> Plan:
+         max_views=None, retrieval: bool = True) -> Plan:
     """Runs to compare (None: every run with predictions), the judge and the retrieval model (None: the first run's
     base model; in the demo the tiny stand-ins), from the settings where not given."""
     compared = artifacts.find_runs(run_names)
     first = compared[0].config if compared[0].config_path.is_file() else {}
+    base_model_id = tiny_models.llava_id(settings, artifacts, studies, base_model_id or first.get("model_id"))
     return Plan(runs=[r.name for r in compared], reference_run=reference_run or compared[0].name,
                 judge_model_id=tiny_models.judge_id(settings, artifacts, studies, judge_model_id),
                 judge_precision=settings.judge_precision,
@@ -55,9 +57,9 @@ def make_plan(settings, artifacts, studies, *, run_names=None, reference_run=Non
                 judge_batch_size=judge_batch_size or settings.judge_batch_size,
                 judge_max_new_tokens=judge_max_new_tokens or settings.judge_max_new_tokens,
                 judge_engine=judge_engine or DEFAULT_ENGINE, judge_url=judge_url,
-                base_model_id=tiny_models.llava_id(settings, artifacts, studies, base_model_id or first.get("model_id")),
-                retrieval_4bit=settings.inference_4bit,
-                max_views=max_views or first.get("max_views", 3))
+                base_model_id=base_model_id,  # 4-bit by its size on this GPU
+                retrieval_4bit=settings.for_model_id(base_model_id).inference_4bit,
+                retrieval=retrieval, max_views=max_views or first.get("max_views", 3))
 
 
 def references(settings, artifacts, studies) -> dict[str, list]:
@@ -80,10 +82,14 @@ def run_predictions(artifacts, run_names: list[str], refs: dict[str, list]) -> d
 
 
 def with_baselines(predictions: dict, train, refs: dict[str, list], artifacts, plan: Plan) -> dict:
-    """The runs' predictions plus the template and retrieval baselines, as `green.evaluate` takes them.
+    """The runs' predictions plus the template and retrieval baselines (the template alone without `plan.retrieval`),
+    as `green.evaluate` takes them.
 
     With several processes the main one embeds the images (cached), the others read its cache.
     """
+    template = {split: baselines.template_predictions(train, studies) for split, studies in refs.items()}
+    if not plan.retrieval:
+        return {**predictions, "template": template}
     with processes().main_process_first():
         neighbors = baselines.retrieval_neighbors(
             artifacts.retrieval_neighbors, plan.base_model_id, train, refs["val"] + refs["test"],
@@ -91,8 +97,7 @@ def with_baselines(predictions: dict, train, refs: dict[str, list], artifacts, p
             lambda: load_model_and_processor(plan.base_model_id, visual_tokens="base",
                                              load_in_4bit=plan.retrieval_4bit, token=get_secret("HF_TOKEN")))
     free_gpu_memory()  # the base model is no longer referenced: free its memory before the judge loads
-    return {**predictions,
-            "template": {split: baselines.template_predictions(train, studies) for split, studies in refs.items()},
+    return {**predictions, "template": template,
             "retrieval": {split: baselines.retrieval_predictions(
                 train, {s.id: neighbors[s.id] for s in studies if s.id in neighbors}) for split, studies in refs.items()}}
 

@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from ..core.colab import REPO_URL
 from .green import markdown_table
-from .report import DEMO_NOTE, green_tables, method, read_compare
+from .report import DEMO_NOTE, green_tables, method, read_compare, size_in_words
 from ..core.errors import MissingError, UserError
 from ..core.settings import get_secret
 
@@ -39,12 +39,14 @@ def model_card(run, artifacts, repo_id: str) -> ModelCard:
     data = ModelCardData(base_model=config["model_id"], library_name="peft", pipeline_tag="image-text-to-text",
                          datasets=DATASETS, tags=TAGS)
     demo = f"\n{DEMO_NOTE}\n" if config.get("profile") == "demo" else ""
+    size = f", {size_in_words(config['parameters'])}" if config.get("parameters") else ""
+    family = f" (family `{config['family']}`{size})" if config.get("family") else ""
     body = f"""
 # {repo_id}
 
 A LoRA adapter for [{config['model_id']}](https://huggingface.co/{config['model_id']}) that writes the findings of a
-chest X-ray study (1 to {config['max_views']} views) as four lines: Lung, Heart, Mediastinal, Bone. Trained with
-[{REPO_URL}]({REPO_URL}) (run `{run.name}`, preset `{config['preset']}`).
+chest X-ray study (1 to {config['max_views']} views) as four lines: Lung, Heart, Mediastinal, Bone. Base model:
+`{config['model_id']}`{family}. Trained with [{REPO_URL}]({REPO_URL}) (run `{run.name}`, preset `{config['preset']}`).
 
 **Research use only, not for clinical decisions.** It was trained on one small public data set, makes mistakes a
 radiologist would not, and has not been validated clinically.
@@ -57,7 +59,7 @@ radiologist would not, and has not been validated clinically.
 ## How to load and generate
 
 The adapter goes on the base model loaded through the project's code: with visual tokens `{config['visual_tokens']}`
-the LLaVA-NeXT checkpoint is loaded in that mode (`modeling.model_config`), which plain `from_pretrained` does not do.
+the base checkpoint is loaded in that mode (`modeling.model_config`), which plain `from_pretrained` does not do.
 
 ```python
 # git clone {REPO_URL} && cd xray-rrg && pip install -r requirements.txt

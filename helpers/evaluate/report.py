@@ -67,13 +67,20 @@ def _stage_hours(record: dict) -> str:
     return f"{record['seconds'] / 3600:.2f}" if record.get("seconds") is not None else "n/a"
 
 
+def size_in_words(parameters: int) -> str:
+    """"0.89 B parameters"; a tiny stand-in's in millions."""
+    return f"{parameters / 1e9:.2f} B parameters" if parameters >= 1e8 else f"{parameters / 1e6:.2f} M parameters"
+
+
 def method(run) -> str:
     """One run's training, from its config.json and metrics.json."""
     config = run.config
     metrics = json.loads(run.metrics_path.read_text(encoding="utf-8")) if run.metrics_path.is_file() else {"stages": []}
     lora = config["lora"]
     effective = config["batch_size"] * config["grad_accum"] * config.get("processes", 1)
-    rows = {"model": config["model_id"], "visual tokens": config["visual_tokens"],
+    size = config.get("parameters")  # runs trained before it was recorded have neither
+    rows = {"model": config["model_id"], "family": config.get("family", "n/a"),
+            "size": size_in_words(size) if size else "n/a", "visual tokens": config["visual_tokens"],
             "views per study": config["max_views"],
             "preset": config["preset"], "stages": " → ".join(s["name"] for s in config["stages"]),
             "LoRA r / alpha / dropout": f"{lora['r']} / {lora['alpha']} / {lora['dropout']}",

@@ -5,16 +5,22 @@ with vision_feature_select_strategy="default" the CLS output of every tile is dr
 processor's +1 for it is subtracted again), so there is no CLS position: the first (S/p)² positions are the base
 tile (the whole image squashed to S×S) in row-major order, then the unpadded high-resolution grid row by row, each
 row followed by the learned `image_newline` position. With visual tokens "base" (a plain LLaVA model) a view is
-the base tile alone.
+the base tile alone. LLaVA with a SigLIP tower (vision_feature_select_strategy="full", no CLS) is that plain layout:
+each view a side×side block, the views abutting with no separator. LLaVA-OneVision: several views are each that block
+and one newline position; a lone view is tiled as in LLaVA-NeXT. Gemma 3: a 16x16 pooled block a view, between
+<start_of_image> and <end_of_image>. Qwen2.5-VL: the view's resized grid over 28 px squares, row-major, between
+<|vision_start|> and <|vision_end|>.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
 import torch
 from transformers.image_processing_utils import select_best_resolution
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from ..core.errors import OptionError
 from ..core.data import study_images
@@ -23,27 +29,44 @@ from .modeling import generation_inputs, image_tokens_per_view
 from ..core.storage import JsonlStore, run_batches
 
 
-def view_layout(model_config, processor, width: int, height: int) -> dict:
-    """Offsets within one view's image positions: `base` (side×side), `highres` (rows×cols), `newline` (rows).
+def view_layout(model_config, processor, width: int, height: int, views: int = 1) -> dict:
+    """Offsets within one view's image positions, in a prompt of `views` views: `base` (side×side; Qwen2.5-VL's
+    rows×cols follow the view's shape, `side` its rows), `highres` (rows×cols), `newline` (rows).
 
-    A plain LLaVA config (visual tokens "base") has the base grid only: `highres` and `newline` are empty.
+    A plain LLaVA config (visual tokens "base") has the base grid only: `highres` and `newline` are empty. Several
+    views of a `Family.view_newline` family (LLaVA-OneVision) are each the base grid and one newline; its single view
+    is tiled like LLaVA-NeXT's (the grid scaled down past anyres_max_9: its cells are then not tiles' patches, and
+    the heatmaps read the base grid only).
     """
-    if model_config.vision_feature_select_strategy != "default":
-        raise ValueError(f"vision_feature_select_strategy={model_config.vision_feature_select_strategy!r}: "
-                         "the layout assumes the CLS output is dropped ('default')")
-    tile = model_config.vision_config.image_size
-    side = tile // model_config.vision_config.patch_size
-    n = image_tokens_per_view(processor, width, height)
+    strategy = getattr(model_config, "vision_feature_select_strategy", None)
+    if strategy not in (None, "default") and getattr(processor, "num_additional_image_tokens", 0):
+        raise ValueError(f"vision_feature_select_strategy={strategy!r} keeps "
+                         f"the tower's {processor.num_additional_image_tokens} CLS output(s): the layout assumes none")
+    vision = model_config.vision_config
+    if getattr(vision, "spatial_merge_size", None):  # Qwen2.5-VL: the view resized as its processor resizes it,
+        image_processor = processor.image_processor  # its 14 px patches merged 2x2, row-major
+        factor = image_processor.patch_size * vision.spatial_merge_size
+        resized = smart_resize(height, width, factor, min_pixels=image_processor.size["shortest_edge"],
+                               max_pixels=image_processor.size["longest_edge"])
+        shape = (resized[0] // factor, resized[1] // factor)
+    else:  # Gemma 3 pools the tower's patches to mm_tokens_per_image, a square grid
+        side = math.isqrt(getattr(model_config, "mm_tokens_per_image", 0)) or vision.image_size // vision.patch_size
+        shape = (side, side)
+    base = shape[0] * shape[1]
+    n = image_tokens_per_view(processor, width, height, views)
     rows, cols = 0, 0
-    if hasattr(model_config, "image_grid_pinpoints"):  # LLaVA-NeXT: the unpadded high-resolution grid follows
+    if views > 1 and processor.family.view_newline:
+        rows = 1  # one newline, no grid
+    elif hasattr(model_config, "image_grid_pinpoints"):  # the unpadded high-resolution grid follows
+        tile, side = vision.image_size, shape[0]
         best_h, best_w = select_best_resolution([height, width], model_config.image_grid_pinpoints)
         # the processor's own count of the unpadded grid, so offsets agree with the number of <image> tokens
         unpadded, rows = processor._get_unpadded_features(height, width, side, side, best_h // tile, best_w // tile)
         cols = unpadded // rows
-    if side * side + rows * (cols + 1) != n:
-        raise ValueError(f"image {width}x{height}: layout {side}²+{rows}x({cols}+1) != {n} image tokens")
-    grid = side * side + np.arange(rows * (cols + 1)).reshape(rows, cols + 1)
-    return {"side": side, "base": np.arange(side * side).reshape(side, side), "highres": grid[:, :cols],
+    if base + rows * (cols + 1) != n:
+        raise ValueError(f"image {width}x{height}: layout {shape[0]}x{shape[1]}+{rows}x({cols}+1) != {n} image tokens")
+    grid = base + np.arange(rows * (cols + 1)).reshape(rows, cols + 1)
+    return {"side": shape[0], "base": np.arange(base).reshape(shape), "highres": grid[:, :cols],
             "newline": grid[:, cols], "n_tokens": n}
 
 
@@ -72,7 +95,7 @@ def generate_with_attention(model, processor, views: list, *, max_new_tokens: in
     output_attentions would keep every layer's full prompt×prompt matrix (32 layers × 32 heads × 3,600² × 2
     bytes ≈ 26 GB for three views on the 7B), so forward hooks on the attention modules (what transformers' own
     recorder hooks) keep only the last query row of each step. Returns `ids` (generated, up to EOS),
-    `attention` (tokens × layers × keys, zero for keys that did not exist yet) and the prompt's `input_ids`.
+    `attention` (tokens × layers × keys, zero for keys that did not exist yet or left a layer's window) and the prompt's `input_ids`.
     """
     layers = [m for name, m in model.named_modules() if name.endswith("self_attn") and "language_model" in name]
     rows = [[] for _ in layers]
@@ -100,7 +123,9 @@ def generate_with_attention(model, processor, views: list, *, max_new_tokens: in
     attention = np.zeros((n, len(layers), keys), dtype=np.float32)
     for layer, steps in enumerate(rows):
         for t in range(n):
-            attention[t, layer, :prompt_len + t] = steps[t].cpu().numpy()
+            # a sliding-window layer (Gemma 3's) caches only the last `sliding_window` keys: its row ends at the query
+            row = steps[t].cpu().numpy()
+            attention[t, layer, prompt_len + t - len(row):prompt_len + t] = row
     return {"ids": generated[:n], "attention": attention, "input_ids": inputs["input_ids"][0].cpu().numpy()}
 
 
@@ -163,8 +188,8 @@ def analyze_study(model, processor, study, *, max_views: int, max_new_tokens: in
     """
     views = study_images(study, max_views)
     result = generate_with_attention(model, processor, views, max_new_tokens=max_new_tokens)
-    layouts = [view_layout(model.config, processor, *v.size) for v in views]
-    positions = image_positions(result["input_ids"], model.config.image_token_index, [l["n_tokens"] for l in layouts])
+    layouts = [view_layout(model.config, processor, *v.size, len(views)) for v in views]
+    positions = image_positions(result["input_ids"], model.config.image_token_id, [l["n_tokens"] for l in layouts])
     regions = region_token_indices(processor.tokenizer, result["ids"])
     return {"id": study.id, "views": views, "ids": result["ids"],
             "text": processor.tokenizer.decode(result["ids"], skip_special_tokens=True), "region_tokens": regions,

@@ -1,27 +1,26 @@
-"""`make gpu-check`: QLoRA training, generation and GREEN-judge cost at the real 7B shapes, on random weights.
+"""`make gpu-check`: QLoRA training, generation and GREEN-judge cost at the real shapes, on random weights.
 
-Models are built offline from configs with the real architectures' shapes, saved to a work folder and loaded back
-through the project's own loaders, so the measured path is the one users run; nothing is downloaded. Each
-measurement is appended to one JSON (default artifacts/gpu_check.json) as it finishes; one that raises (out of GPU
-memory, say) is recorded with its error and the run goes on to the next (exit status 1 at the end, naming it).
+The model checked, the default 7B or `--model-id` (a folder, or a hub id whose config and processor are in the hub
+cache: `hf download ID --exclude "*.safetensors"`; planned by `gpu_plan.model_checked`), and the judge are built
+offline with random weights at the real shapes, saved to a work folder and loaded back through the project's own
+loaders, so the measured path is the one users run; nothing is downloaded. Each measurement is appended to one
+JSON (default artifacts/gpu_check.json) as it finishes; one that raises (out of GPU memory, say) is recorded with its
+error and the run goes on to the next (exit status 1 at the end, naming it).
 
 What cannot fit this GPU is skipped, and its record says why: each generation and judge measurement's memory is
 estimated from the real shapes (`estimate_gib`: weights + KV cache, see `plan`) and measured only where the estimate
 plus HEADROOM_GIB fits the GPU's total memory. Our judge loop runs as this GPU's settings run it
 (`judge_precision`, `judge_4bit`, `judge_batch_size`: 4-bit on a T4), the shipped GREEN class as it always runs
 (fp16, batch 8); on a machine with several GPUs the latter runs in a child process that sees one
-(`shipped_green_env`). Training (QLoRA, batch 1, the T4 profile's setup) is measured everywhere.
+(`shipped_green_env`). Training (QLoRA, batch 1, the T4 profile's setup) is measured everywhere. The judge-engines
+part (`gpu_judge.measure_engine`): the same pairs through static batches, continuous batching and `transformers
+serve`, one after the other (pairs and answer tokens/s, peak memory, share identical to static's).
 
-The judge-engines part (`gpu_judge.measure_engine`) runs the same pairs through the static loop, continuous batching
-and `transformers serve` on this GPU, one after the other: pairs and answer tokens per second, peak memory, and the
-share of answers identical to static's.
-
-`--quick`: all four parts, less of each: training in the default visual-token mode only ("base", not also "tile"),
-at 1 and 3 views per study (not also 2), with 1 warm-up and 2 measured steps (not 3 and 5); generation at the largest
-batch (8) only, one round (not 2); the judge parts whole, since its time is 2,048-token decoding, which fewer pairs
-would not shorten. Designed to finish in under 8 minutes on one 80 GB A100, H100 or H200 (a design target).
-`--dry-run` runs every part on the CPU at tiny widths and checks the JSON's keys (exit status 1 if some are missing).
-Parts run one at a time (`--part`) add up in one JSON when the machine and mode (dry run, quick) are the same.
+`--quick`: all four parts, less of each (its --help); the judge parts whole, since their time is 2,048-token
+decoding, which fewer pairs would not shorten. Designed to finish in under 8 minutes on one 80 GB GPU (a target).
+`--dry-run` runs every part on the CPU (the 7B at tiny widths, another `--model-id` from its config as it is) and
+checks the JSON's keys (exit status 1 if some are missing). Parts run one at a time (`--part`) add up in one JSON
+when the machine, model and mode (dry run, quick) are the same.
 """
 from __future__ import annotations
 
@@ -39,33 +38,40 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is built locally: a hub lookup would be a bug
 
 import torch  # noqa: E402  (after HF_HUB_OFFLINE, which huggingface_hub reads on import)
-from transformers import TrainerCallback  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText, TrainerCallback  # noqa: E402
 
 from ..judge import judge
 from ..train import examples, training  # noqa: E402
 from ..core.data import Study, load_studies, study_images  # noqa: E402
-from ..demo.tiny_models import build_random_llava, tokenizer_corpus  # noqa: E402
+from ..demo.tiny_models import build_random_llava, save_once, tokenizer_corpus  # noqa: E402
 from ..model.generation import generate_batch  # noqa: E402
 from .gpu_judge import (answer_lengths, build_judge, free_and_reset, judge_pairs, measure_engine,  # noqa: E402
                         prompt_fields, random_weights, shipped_green, shipped_green_env, shipped_green_in_child)
-from .gpu_plan import GENERATE_VIEWS, PARTS, REAL, SHIPPED, TINY, plan, problems, quick  # noqa: E402
-from ..model.modeling import load_for_inference  # noqa: E402
+from .gpu_plan import GENERATE_VIEWS, PARTS, REAL, SHIPPED, TINY, model_checked, plan, problems, quick  # noqa: E402
+from ..model.modeling import DEFAULT_MODEL_ID, auto_processor, checkpoint_family, load_for_inference  # noqa: E402
 from ..core.runs import Artifacts, Run  # noqa: E402
 from ..core.settings import GREEN_TOKEN_BUDGET, REPO_ROOT, default_dtype, gpu, peak_gpu_memory_gb, resolve  # noqa: E402
 from ..core.storage import atomic_write_json  # noqa: E402
 
-def build_llava(workdir: Path, sizes: dict, sample: list[Study]) -> Run:
-    """A random LLaVA-NeXT saved like a hub checkpoint, with the real image geometry, plus a run holding an untrained
-    adapter (LoRA B = 0: outputs unchanged, but generation pays for the LoRA layers as users do) that notebook 03's
-    loader reads like a trained one. Idempotent: an existing build is reused.
-
-    Its small tokenizer is trained on the sample's reports: text tokens per study are approximate, image tokens exact.
+def build_llava(workdir: Path, sizes: dict, sample: list[Study], model_id: str = DEFAULT_MODEL_ID) -> Run:
+    """A random model saved like a hub checkpoint, plus a run holding an untrained adapter (LoRA B = 0: outputs
+    unchanged, but generation pays for the LoRA layers as users do) that notebook 03's loader reads like a trained
+    one; an existing build is reused. The default 7B: LLaVA-NeXT at `sizes`' widths, the real image geometry, a small
+    tokenizer trained on the sample's reports (text tokens per study approximate, image tokens exact); another
+    `model_id`: its own config (the dry run's too) and processor.
     """
     run = Artifacts(workdir).run("gpu-check")
     if run.config_path.is_file():
         return run
-    model_dir = build_random_llava(workdir / "llava", tokenizer_corpus(sample), image_size=336, widths=sizes["llava"],
-                                   **random_weights())
+    if model_id == DEFAULT_MODEL_ID:
+        model_dir = build_random_llava(workdir / "llava", tokenizer_corpus(sample), image_size=336,
+                                       widths=sizes["llava"], **random_weights())
+    else:
+        weights = random_weights()  # drawn as the 7B's
+        build = lambda: (AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_id),
+                                                                dtype=weights.get("dtype")),
+                         auto_processor(model_id, checkpoint_family(model_id)))
+        model_dir = save_once(workdir / "model", build, 0, weights.get("device", "cpu"))
     config = training.make_config(resolve("t4"), model_id=str(model_dir), max_length=None)
     model, processor = training.load_training_model(config)
     model.save_pretrained(run.adapter_dir)
@@ -128,8 +134,8 @@ class Failed:
 class Check:
     """The measurements of one run, which share the models they build and the one model loaded at a time."""
 
-    def __init__(self, workdir: Path, sizes: dict, settings, sample: list[Study]):
-        self.workdir, self.sizes, self.settings, self.sample = workdir, sizes, settings, sample
+    def __init__(self, workdir: Path, sizes: dict, settings, sample: list[Study], model_id: str = DEFAULT_MODEL_ID):
+        self.workdir, self.sizes, self.settings, self.sample, self.model_id = workdir, sizes, settings, sample, model_id
         self.built, self.loaded = {}, {}
         self.responses = None  # our judge loop's in fp16, compared with the shipped class's
         self.static_answers = {}  # the engines part's static answers, which the other engines are compared with
@@ -173,7 +179,8 @@ class Check:
         free_and_reset()
 
     def _llava_run(self) -> Run:
-        return self._shared(self.built, "llava", lambda: build_llava(self.workdir, self.sizes, self.sample))
+        return self._shared(self.built, "llava",
+                            lambda: build_llava(self.workdir, self.sizes, self.sample, self.model_id))
 
     def measure_train(self, fields: dict) -> dict:
         """Seconds per optimizer step and peak memory of QLoRA with the project's trainer."""
@@ -185,8 +192,8 @@ class Check:
         tokens = examples.token_counts(studies[:1], processor, views)[0]
         clock = StepClock()
         trainer = training.make_trainer(model, processor, config, TRAIN_STAGE, self.workdir / "trainer",
-                                        examples.build_dataset(studies, views),
-                                        examples.build_dataset(studies[:1], views), [clock])
+                                        examples.build_dataset(studies, views, processor),
+                                        examples.build_dataset(studies[:1], views, processor), [clock])
         free_and_reset()
         trainer.train()
         assert len(clock.ends) == warmup + measured, clock.ends
@@ -247,7 +254,6 @@ class Check:
                 "batch_size_fitted": ours.batch_size, "seconds": seconds, "seconds_per_pair": seconds / len(pairs),
                 "peak_memory_gib": peak_gpu_memory_gb()}
 
-
     def measure_judge_engine(self, fields: dict) -> dict:
         """One engine on the engines part's pairs (the server on the first `server_pairs` of them), each answer given
         a length spread over GREEN's range (`answer_lengths`); `gpu_judge.measure_engine` measures."""
@@ -276,14 +282,16 @@ def device_info() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=PARTS, help="one part only (default: all)")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL_ID,
+                        help="the model checked: a folder or a hub id in the local cache (config and processor "
+                             "files; weights are random); the dry run builds it from its config as it is")
     parser.add_argument("--out", default="artifacts/gpu_check.json")
     parser.add_argument("--workdir", help="where models and images are built and reused, e.g. across --part runs "
                                           "(default: a tempdir; the 7B models take ~30 GB)")
     parser.add_argument("--dry-run", action="store_true", help="every part on the CPU at tiny widths, then check keys")
     parser.add_argument("--quick", action="store_true",
                         help="all four parts, less of each: training in the default visual-token mode only, at 1 and "
-                             "3 views, 1 warm-up + 2 measured steps; generation at the largest batch only, one round; "
-                             "the judge parts whole. Designed to take under 8 minutes on one 80 GB A100, H100 or H200")
+                             "3 views, 1 warm-up + 2 measured steps; generation at the largest batch only, one round")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device. It measures GPU memory and speed; use --dry-run to check it on the CPU.",
@@ -294,15 +302,17 @@ def main(argv=None) -> int:
     sizes = quick(sizes, settings) if args.quick else sizes
     sample = load_studies(REPO_ROOT / "data" / "sample")  # report texts: tokenizers, targets, judge pairs
     out = Path(args.out)
-    result = {"device": device_info(), "dry_run": args.dry_run, "quick": args.quick}
+    result = {"device": device_info(), "model_id": args.model_id, "dry_run": args.dry_run, "quick": args.quick}
     if out.is_file():  # parts run one at a time add up, as long as the machine and mode are the same
         previous = json.loads(out.read_text(encoding="utf-8"))
         if {k: previous.get(k) for k in result} == result:
             result = previous
-    planned = plan(sizes, settings, None if args.dry_run else settings.gpu_memory_gb)
+    model = model_checked(args.model_id, settings.visual_tokens)
+    planned = plan(sizes, settings, None if args.dry_run else settings.gpu_memory_gb, model)
     workdir_context = contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
     with workdir_context as workdir:
-        check = Check(Path(workdir) / sizes["name"], sizes, settings, sample)
+        name = sizes["name"] if args.model_id == DEFAULT_MODEL_ID else args.model_id.rstrip("/").split("/")[-1]
+        check = Check(Path(workdir) / name, sizes, settings, sample, args.model_id)
         for part in [args.part] if args.part else PARTS:
             print(f"== {part}", flush=True)
             result[part] = []

@@ -1,11 +1,16 @@
-"""What `make gpu-check` measures and whether it fits: the real 7B shapes and the dry run's tiny ones, each part's
+"""What `make gpu-check` measures and whether it fits: the real 7B shapes and the dry run's tiny ones, the model
+checked as the plan reads it (`default_model`, or `checkpoint_model` for another `--model-id`), each part's
 measurements in order (`plan`) with the memory estimate that decides which are skipped on this GPU, and the check of
 the written JSON (`problems`). No model is built here."""
 from __future__ import annotations
 
+from transformers import AutoConfig
+
+from ..core.errors import MissingError
 from ..demo.tiny_models import TINY_LLAVA
-from ..model.modeling import visual_tokens_per_view
-from ..core.settings import GREEN_TOKEN_BUDGET, torch_dtype
+from ..model.families import FAMILIES
+from ..model.modeling import DEFAULT_MODEL_ID, image_tokens_per_view, load_processor, visual_tokens_per_view
+from ..core.settings import GREEN_TOKEN_BUDGET, get_secret, parameter_count, torch_dtype
 
 PARTS = ("train", "generate", "judge", "judge_engines")
 OURS, SHIPPED = "helpers.judge.Judge", "green_score.green.GREEN"
@@ -82,37 +87,76 @@ def weights_gib(model: str, load_in_4bit: bool) -> float:
 
 def kv_cache_gib(shapes: dict, batch_size: int, tokens: int) -> float:
     """16-bit keys and values of every layer for `tokens` per row: 2 · layers · kv_heads · head_dim · 2 bytes ·
-    batch · tokens (128 KiB a token for Mistral-7B's 8 KV heads, 512 KiB for Llama-2-7B's 32)."""
-    head_dim = shapes["hidden_size"] // shapes["num_attention_heads"]
+    batch · tokens (128 KiB a token for Mistral-7B's 8 KV heads, 512 KiB for Llama-2-7B's 32). head_dim: the
+    config's, else hidden / heads."""
+    head_dim = shapes.get("head_dim") or shapes["hidden_size"] // shapes["num_attention_heads"]
     return 2 * shapes["num_hidden_layers"] * shapes["num_key_value_heads"] * head_dim * 2 * batch_size * tokens / 2**30
 
 
-def plan(sizes: dict, settings, memory_gib: float | None) -> dict[str, list[tuple[dict, str | None]]]:
-    """Each part's measurements in order: (the fields that name it in the JSON, why it is skipped or None), for
-    `settings` and a GPU of `memory_gib` total memory.
+def default_model(visual_tokens: str) -> dict:
+    """The default 7B as `plan` reads it: its visual-token modes, 16-bit and 4-bit weights (GiB) and the LLM's
+    shapes from REAL, a 512x512 view's image tokens in `visual_tokens` mode."""
+    return {"modes": FAMILIES[0].visual_tokens, "weights_gib": {q: weights_gib("llava", q) for q in (False, True)},
+            "text": REAL["llava"]["text"], "tokens_per_view": visual_tokens_per_view(512, 512, visual_tokens)}
 
-    Generation and judge measurements carry `estimate_gib` = weights_gib + kv_cache_gib at the REAL shapes, for the
-    batch and the tokens a row ends with (generation: a study's image tokens + PROMPT_TEXT_TOKENS + max_new_tokens;
-    the judge: GREEN's 2,048-token total); skipped where estimate_gib + HEADROOM_GIB exceeds `memory_gib`.
-    `memory_gib` None (the dry run's tiny models): nothing estimated or skipped.
+
+def checkpoint_model(model_id: str, visual_tokens: str) -> dict:
+    """Another checkpoint (a hub id in the local cache, or a folder) as `plan` reads it, from its config and processor
+    alone: the family's visual-token modes; weights counted on the meta device (`parameter_count`), 4-bit as nf4
+    for the LLM's decoder layers and 16 bits for the rest; the text config's KV shapes (every layer's full cache: an
+    upper bound for Gemma 3's sliding-window layers); a 512x512 view's image tokens in a prompt of GENERATE_VIEWS
+    views, as the family's processor counts them."""
+    token = get_secret("HF_TOKEN")  # gated checkpoints (MedGemma)
+    try:
+        config = AutoConfig.from_pretrained(model_id, token=token)
+    except OSError as error:  # gpu_check runs offline: a hub id must be in the cache
+        raise MissingError(f"{model_id}: no config.json in such a folder nor in the local hub cache (a hub id's config "
+                           f"and processor: hf download ID --exclude '*.safetensors'): "
+                           f"{str(error).splitlines()[0]}") from error
+    processor = load_processor(model_id, visual_tokens=visual_tokens, token=token)
+    total, quantized = parameter_count(config), parameter_count(config, "model.language_model.layers")
+    text = config.get_text_config()
+    return {"modes": processor.family.visual_tokens,
+            "weights_gib": {q: (quantized * (NF4_BYTES if q else 2) + (total - quantized) * 2) / 2**30
+                            for q in (False, True)},
+            "text": {k: getattr(text, k, None) for k in ("num_hidden_layers", "num_key_value_heads", "hidden_size",
+                                                         "num_attention_heads", "head_dim")},
+            "tokens_per_view": image_tokens_per_view(processor, 512, 512, GENERATE_VIEWS)}
+
+
+def model_checked(model_id: str, visual_tokens: str) -> dict:
+    """The model `make gpu-check` checks, as `plan` reads it: the default 7B from REAL, another from its config."""
+    return default_model(visual_tokens) if model_id == DEFAULT_MODEL_ID else checkpoint_model(model_id, visual_tokens)
+
+
+def plan(sizes: dict, settings, memory_gib: float | None, model: dict) -> dict[str, list[tuple[dict, str | None]]]:
+    """Each part's measurements in order: (the fields that name it in the JSON, why it is skipped or None), for
+    `settings`, the model checked (`default_model` or `checkpoint_model`: training in the visual-token modes of
+    `sizes` that apply to it) and a GPU of `memory_gib` total memory.
+
+    Generation and judge measurements carry `estimate_gib` = weights + KV cache (kv_cache_gib) at the real shapes
+    (the model's; the judge's REAL), for the batch and the tokens a row ends with (generation: a study's image tokens
+    + PROMPT_TEXT_TOKENS + max_new_tokens; the judge: GREEN's 2,048-token total); skipped where estimate_gib +
+    HEADROOM_GIB exceeds `memory_gib`. `memory_gib` None (the dry run): nothing estimated or skipped.
     """
-    def estimated(fields: dict, model: str, batch_size: int, tokens: int) -> tuple[dict, str | None]:
+    def estimated(fields: dict, name: str, batch_size: int, tokens: int) -> tuple[dict, str | None]:
         if memory_gib is None:
             return {**fields, "estimate_gib": None}, None
-        shapes = REAL["llava"]["text"] if model == "llava" else REAL["judge"]
-        weights, cache = weights_gib(model, fields["load_in_4bit"]), kv_cache_gib(shapes, batch_size, tokens)
+        q = fields["load_in_4bit"]
+        weights = model["weights_gib"][q] if name == "llava" else weights_gib(name, q)
+        cache = kv_cache_gib(model["text"] if name == "llava" else REAL["judge"], batch_size, tokens)
         record = {**fields, "estimate_gib": round(weights + cache, 2)}
         if record["estimate_gib"] + HEADROOM_GIB <= memory_gib:
             return record, None
         return record, (f"needs ~{weights + cache:.1f} GiB ({weights:.1f} of weights + {cache:.1f} of KV cache) + "
                         f"{HEADROOM_GIB} GiB headroom, more than this GPU's {memory_gib} GiB")
 
-    study_tokens = (GENERATE_VIEWS * visual_tokens_per_view(512, 512, settings.visual_tokens) + PROMPT_TEXT_TOKENS
-                    + sizes["max_new_tokens"])
+    study_tokens = GENERATE_VIEWS * model["tokens_per_view"] + PROMPT_TEXT_TOKENS + sizes["max_new_tokens"]
     ours_batch, green_batch = (min(b, sizes["judge_pairs"]) for b in (settings.judge_batch_size, GREEN_BATCH_SIZE))
     precision = str(torch_dtype(settings.judge_precision)).removeprefix("torch.")
     return {"train": [({"visual_tokens": mode, "views_per_study": views}, None)
-                      for mode in sizes["visual_token_modes"] for views in sizes["train_views"]],
+                      for mode in sizes["visual_token_modes"] if mode in model["modes"]
+                      for views in sizes["train_views"]],
             "generate": [estimated({"load_in_4bit": load_in_4bit, "batch_size": batch_size}, "llava", batch_size,
                                    study_tokens)
                          for load_in_4bit in (True, False) for batch_size in sizes["generate_batch_sizes"]],

@@ -6,6 +6,7 @@ import statistics
 from datasets import Dataset
 
 from ..core.data import by_split, image_size, load_studies, open_image, readable_studies
+from ..model.families import end_of_turn
 from ..model.modeling import image_tokens_per_view
 from ..core.report_format import format_report, user_message
 from ..core.storage import sha256
@@ -37,11 +38,23 @@ def conversation(study, max_views: int) -> list[dict]:
             {"role": "assistant", "content": [{"type": "text", "text": target}]}]
 
 
-def build_dataset(studies, max_views: int):
-    """`messages` + `images`: the table holds each view's path and study, and reading a row decodes its views with
-    `open_image`, so training sees the pixels generation sees (a 16-bit PNG scaled, not clipped) and memory stays
+def training_text(study, max_views: int, processor) -> dict:
+    """A row's text, in the form the processor's own chat template trains in (`modeling.trl_training_template`):
+    `messages`, whose labels TRL's training template marks (assistant-only loss), or a `prompt` string, the
+    generation prompt exactly, and a `completion` string, the report and the template's end of turn
+    (completion-only loss). The processor must carry the training template (`modeling.training_chat_template`)."""
+    messages = conversation(study, max_views)
+    if processor.trl_template:
+        return {"messages": messages}
+    return {"prompt": processor.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False),
+            "completion": messages[1]["content"][0]["text"] + end_of_turn(processor)}
+
+
+def build_dataset(studies, max_views: int, processor):
+    """`training_text` + `images`: the table holds each view's path and study, and reading a row decodes its views
+    with `open_image`, so training sees the pixels generation sees (a 16-bit PNG scaled, not clipped) and memory stays
     flat. TRL's vision collator needs only PIL images under `images`, not an Image feature."""
-    rows = [{"messages": conversation(s, max_views),
+    rows = [{**training_text(s, max_views, processor),
              "images": [{"path": str(p), "study": s.id} for p in s.image_paths[:max_views]]} for s in studies]
     return Dataset.from_list(rows).with_transform(_open_views)
 
@@ -71,19 +84,22 @@ def token_counts(studies, processor, max_views: int) -> list[dict]:
     Decodes no image (`data.image_size`), so it is fast on the full data set. `processor` must carry the training
     template.
     """
-    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    image_token = processor.image_token_ids[0]  # the positions features fill (Gemma 3: not its <start_of_image>)
     counts = []
     for study in studies:
-        image_tokens = 0
-        for path in study.image_paths[:max_views]:
-            image_tokens += image_tokens_per_view(processor, *image_size(path, study.id))
-        messages = conversation(study, max_views)
-        text = processor.apply_chat_template(messages, tokenize=False)
+        paths = study.image_paths[:max_views]
+        image_tokens = sum(image_tokens_per_view(processor, *image_size(p, study.id), len(paths)) for p in paths)
+        row = training_text(study, max_views, processor)
+        if "messages" in row:  # the labels: the report and the end-of-turn token TRL's template marks with it
+            text = processor.apply_chat_template(row["messages"], tokenize=False)
+            target = format_report(study.regions) + processor.tokenizer.eos_token
+        else:
+            text, target = row["prompt"] + row["completion"], row["completion"]
         ids = processor.tokenizer(text, add_special_tokens=False).input_ids
-        target = processor.tokenizer(messages[1]["content"][0]["text"], add_special_tokens=False).input_ids
         text_tokens = sum(1 for i in ids if i != image_token)
         counts.append({"id": study.id, "image_tokens": image_tokens, "text_tokens": text_tokens,
-                       "target_tokens": len(target) + 1, "total": image_tokens + text_tokens})  # +1: </s>
+                       "target_tokens": len(processor.tokenizer(target, add_special_tokens=False).input_ids),
+                       "total": image_tokens + text_tokens})
     return counts
 
 

@@ -14,7 +14,8 @@ from peft import LoraConfig
 from transformers import AutoModelForImageTextToText
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from ..model.modeling import model_config as mode_config
+from ..model.families import family_of
+from ..model.modeling import checkpoint_family, model_config as mode_config
 from ..core.settings import torch_dtype
 from .fixes import configure_fused_head
 
@@ -24,18 +25,6 @@ configure_fused_head()  # TRL's fused LM head set for this torch and GPU, before
 warnings.filterwarnings("ignore", r"`(is_gradient_checkpointing|gradient_checkpointing_(en|dis)able)` is deprecated",
                         FutureWarning)
 WARN_ABOVE = 0.8  # of the GPU's memory: what the estimate leaves out (CUDA context, allocator slack) is not small
-# PEFT full-matches these against module paths such as "model.language_model.layers.0.self_attn.q_proj".
-LLM_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-PROJECTOR = "multi_modal_projector"
-
-def vision_targets(layers: int) -> str:
-    """LoRA targets in the first `layers` layers of the vision tower: those whose output the image features read.
-
-    LLaVA takes the features from `vision_feature_layer` (-2: the input of the last layer), so LoRA on a later layer
-    would get no gradient, and DDP stops when a trainable parameter gets none.
-    """
-    indices = "|".join(map(str, range(layers)))
-    return rf"model\.vision_tower\..*\.layers\.({indices})\..*\.(q_proj|k_proj|v_proj|out_proj)"
 
 
 def memory_estimate_gib(config: dict, model_config) -> dict:
@@ -52,10 +41,11 @@ def memory_estimate_gib(config: dict, model_config) -> dict:
     linears = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     quantized = sum(n for name, n in linears.items() if ".language_model." in name) if config["load_in_4bit"] else 0
     everything = sum(p.numel() for p in model.parameters())
-    targets = lora_config(config).target_modules
+    family = family_of(model_config)
+    targets = lora_config(config, family).target_modules
     lora = sum(config["lora"]["r"] * (m.in_features + m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and re.fullmatch(targets, name))
-    projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    projector = sum(p.numel() for p in model.model.get_submodule(family.projector).parameters())
     preference = any(s.get("dpo") for s in config["stages"])
     sequences = max(config["batch_size"], 2 * dpo_batch(config)[0] if preference else 0)
     tokens = sequences * (config.get("max_length") or 0)  # a DPO batch holds each pair's chosen and rejected
@@ -90,41 +80,51 @@ def check_memory(config: dict, model_config, gpu_memory_gb: float | None) -> Non
                       f"'base' or fewer MAX_VIEWS leave room)", stacklevel=2)
 
 
-def _part(name: str) -> str | None:
+def _family(model):
+    """The family of a PEFT model's base checkpoint (its module names)."""
+    return checkpoint_family(model.peft_config[model.active_adapter].base_model_name_or_path)
+
+
+def _part(name: str, family) -> str | None:
     """Which trainable part an adapter parameter belongs to (None: a base-model weight, always frozen)."""
     if "lora_" in name:
-        return "vision_lora" if "vision_tower" in name else "llm_lora" if "language_model" in name else None
-    return "projector" if PROJECTOR in name and "modules_to_save" in name else None
+        return "vision_lora" if family.vision_tower in name else "llm_lora" if "language_model" in name else None
+    return "projector" if family.projector in name and "modules_to_save" in name else None
 
 
 def trainable_parameters(model) -> dict:
     """Trainable parameter counts per component of the model."""
+    family = _family(model)
     counts = {"vision_tower": 0, "projector": 0, "language_model": 0, "other": 0}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            component = next((c for c in ("vision_tower", "language_model") if c in name),
-                             "projector" if PROJECTOR in name else "other")
+            # the projector first: Qwen2.5-VL's is inside its vision tower (visual.merger)
+            component = ("projector" if family.projector in name else "vision_tower" if family.vision_tower in name
+                         else "language_model" if "language_model" in name else "other")
             counts[component] += param.numel()
     return counts
 
 
 def set_trainable(model, stage: dict) -> dict:
     """Unfreeze exactly the stage's parts (call before creating its trainer); returns the counts."""
+    family = _family(model)
     for name, param in model.named_parameters():
-        part = _part(name)
+        part = _part(name, family)
         param.requires_grad = part is not None and stage[part]
     return trainable_parameters(model)
 
 
-def lora_config(config: dict) -> LoraConfig:
-    stages = config["stages"]
-    targets = [LLM_TARGETS] if any(s["llm_lora"] for s in stages) else []
-    targets += [vision_targets(config["vision_lora_layers"])] if any(s["vision_lora"] for s in stages) else []
+def lora_config(config: dict, family=None) -> LoraConfig:
+    """The run's LoRA: its family's LLM and vision-tower targets for the parts its stages train, the projector
+    trained in full. `family` None: the family of the run's checkpoint, read from its config."""
+    stages, family = config["stages"], family or checkpoint_family(config["model_id"])
+    targets = [family.llm_targets] if any(s["llm_lora"] for s in stages) else []
+    targets += [family.vision_targets(config["vision_lora_layers"])] if any(s["vision_lora"] for s in stages) else []
     # PEFT needs one LoRA target: a projector-only run keeps a frozen LLM LoRA whose zero B leaves the model unchanged.
     lora = config["lora"]
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules="|".join(f"(?:{t})" for t in targets or [LLM_TARGETS]),
-                      modules_to_save=[PROJECTOR], task_type="CAUSAL_LM")
+                      target_modules="|".join(f"(?:{t})" for t in targets or [family.llm_targets]),
+                      modules_to_save=[family.projector], task_type="CAUSAL_LM")
 
 
 def _trainer_arguments(config: dict, stage: dict, output_dir, batch_size: int, grad_accum: int,
@@ -148,10 +148,12 @@ def _trainer_arguments(config: dict, stage: dict, output_dir, batch_size: int, g
         disable_tqdm=False, dataloader_num_workers=0)
 
 
-def sft_config(config: dict, stage: dict, output_dir) -> SFTConfig:
-    """TRL's settings for one SFT stage: the loss on the report tokens, no truncation of the longest study."""
+def sft_config(config: dict, stage: dict, output_dir, messages: bool = False) -> SFTConfig:
+    """TRL's settings for one SFT stage: the loss on the report tokens (TRL's template marks them in `messages` rows,
+    else the `completion` of prompt-completion rows: examples.training_text, whose form `messages` names; TRL
+    refuses rows of the other form), no truncation of the longest study."""
     return SFTConfig(**_trainer_arguments(config, stage, output_dir, config["batch_size"], config["grad_accum"]),
-                     assistant_only_loss=True, max_length=config["max_length"])
+                     assistant_only_loss=messages, completion_only_loss=not messages, max_length=config["max_length"])
 
 
 def dpo_batch(config: dict) -> tuple[int, int]:
@@ -180,8 +182,9 @@ def make_trainer(model, processor, config: dict, stage: dict, output_dir, train_
             args = dpo_config(config, stage, output_dir, select=eval_dataset is not None)
             return DPOTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               processing_class=processor, callbacks=list(callbacks))
-        return SFTTrainer(model=model, args=sft_config(config, stage, output_dir), train_dataset=train_dataset,
-                          eval_dataset=eval_dataset, processing_class=processor, callbacks=list(callbacks))
+        args = sft_config(config, stage, output_dir, messages="messages" in train_dataset.column_names)
+        return SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          processing_class=processor, callbacks=list(callbacks))
 
 
 @contextmanager

@@ -24,11 +24,12 @@ from ..metrics.nlg import nlg_metrics
 from ..model.modeling import load_model_and_processor, training_chat_template, vision_layers_used
 from .preference_stage import generate_candidates, make_preference_pairs, preference_datasets, preference_studies
 from ..core.report_format import INSTRUCTION, whole_report
-from ..core.settings import get_secret, gpu, peak_gpu_memory_gb, processes, torch_dtype
+from ..core.settings import (batch_that_fits, get_secret, gpu, parameter_count, peak_gpu_memory_gb, processes,
+                             torch_dtype)
 from ..core.storage import atomic_write_json, free_gpu_memory, open_store, run_sharded
 from .examples import build_dataset
-from .recipe import (check_memory, dpo_config, lora_config, make_trainer, mixed_precision, set_trainable,
-                             sft_config)
+from .recipe import (WARN_ABOVE, check_memory, dpo_config, lora_config, make_trainer, memory_estimate_gib,
+                     mixed_precision, set_trainable, sft_config)
 from .fixes import one_set_of_input_grad_hooks
 
 HOLDOUT_NLG_STUDIES = 32  # held-out studies generated after each stage for `holdout_nlg`: a cheap check, not a test
@@ -84,13 +85,14 @@ def default_run_name(model_id: str, preset: str) -> str:
 def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_stage", epochs: int | None = None,
                 max_views: int = 3, visual_tokens: str | None = None, load_in_4bit: bool | None = None,
                 lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05, stages: list[dict] | None = None,
-                preference: dict | None = None, seed: int = 0, **extra) -> dict:
+                preference: dict | None = None, seed: int = 0, parameters: int | None = None, **extra) -> dict:
     """Every setting of a run, JSON-ready: written to config.json and read back by notebooks 03 and 04.
 
     `settings` (helpers.setup) gives the profile's values; None arguments take them. Under `torchrun` / `accelerate
     launch` the gradient accumulation is divided among the processes. `stages` replaces the preset's
     stages (same keys as PRESETS); `preference` (`preference.preference_settings`) is required by a preset with a
-    preference stage; `extra` adds settings (e.g. token stats) or overrides the profile's (save_steps).
+    preference stage; `extra` adds settings (e.g. token stats) or overrides the profile's (save_steps). 4-bit and
+    the batch follow the model's size (`parameters`, None: counted from its config; recorded with its family).
     """
     epochs = epochs or settings.epochs
     stages = stages or resolve_stages(preset, epochs, settings.lr_scale)
@@ -99,9 +101,11 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
                          f"preference stage, and only with one")
     n_processes = processes().num_processes
     model_config = AutoConfig.from_pretrained(model_id, token=get_secret("HF_TOKEN"))
-    config = {"model_id": str(model_id), "profile": settings.profile, "preset": preset,
-              "precision": settings.precision,
-              "load_in_4bit": settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
+    parameters = parameters or parameter_count(model_config)
+    sized = settings.for_model(parameters)
+    config = {"model_id": str(model_id), "family": model_config.model_type, "parameters": parameters,
+              "profile": settings.profile, "preset": preset, "precision": settings.precision,
+              "load_in_4bit": sized.load_in_4bit if load_in_4bit is None else load_in_4bit,
               "visual_tokens": visual_tokens or settings.visual_tokens, "batch_size": settings.batch_size,
               "generate_batch_size": settings.generate_batch_size,  # the held-out check's (halved on out-of-memory)
               # N processes accumulate 1/N as many steps, so the effective batch (and the presets' learning rates)
@@ -114,6 +118,14 @@ def make_config(settings, *, model_id: str, max_length: int, preset: str = "two_
               "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout},
               "vision_lora_layers": vision_layers_used(model_config), "seed": seed,
               **({"preference": preference} if preference else {}), **extra}
+    if config["load_in_4bit"] != settings.load_in_4bit and settings.gpu_memory_gb and max_length and (
+            "batch_size" not in extra):
+        # the profile's batch is set for the default 7B in the profile's precision: a model trained the other way
+        # gets the largest batch whose computed peak fits, at the same effective batch
+        peak = lambda batch: sum(memory_estimate_gib({**config, "batch_size": batch}, model_config).values())
+        batch, accumulation = batch_that_fits(settings.batch_size * settings.grad_accum, peak,
+                                              settings.gpu_memory_gb, WARN_ABOVE)
+        config.update(batch_size=batch, grad_accum=max(1, round(accumulation / n_processes)))
     config = json.loads(json.dumps(config))  # tuples to lists, so a reloaded config compares equal
     check_memory(config, model_config, settings.gpu_memory_gb)
     return config
@@ -192,7 +204,9 @@ def _check_config(run, config: dict) -> None:
     """Write config.json, or refuse to resume a run that was started with other settings."""
     if run.config_path.is_file():
         old = run.config
-        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        # the model's family and size follow from its id: a run begun before they were recorded resumes
+        changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k)
+                         and not (k in ("family", "parameters") and k not in old))
         if changed:
             raise ValueError(f"{run.config_path}: this run was started with other settings {changed}; choose a new "
                              f"RUN_NAME or delete {run.train_dir} to start over")
@@ -224,8 +238,8 @@ def train(run, config: dict, train_studies, holdout_studies, callbacks=(), judge
     model, processor = load_training_model(config)
     if state.is_main_process:
         processor.save_pretrained(run.adapter_dir)  # now: TRL's collator leaves its truncation length in the tokenizer
-    train_dataset = build_dataset(train_studies, config["max_views"])
-    holdout_dataset = build_dataset(holdout_studies, config["max_views"])
+    train_dataset = build_dataset(train_studies, config["max_views"], processor)
+    holdout_dataset = build_dataset(holdout_studies, config["max_views"], processor)
     metrics = {"run": run.name, "stages": []}
     stage_dirs = _stage_dirs(run, config)
     for index, (stage, stage_dir) in enumerate(zip(config["stages"], stage_dirs)):
